@@ -1,0 +1,83 @@
+"""Base checkpoint + delta file -> a full checkpoint of the base's layout and dtype (streamed)."""
+
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .checkpoint import FAMILIES, Checkpoint, canonical_key
+from .compress import _fingerprint
+from .delta_file import read_delta, reconstruct
+from .errors import DeltaError
+from .safetensors_io import write_streaming
+
+
+def records_by_key(delta):
+    by_key = defaultdict(list)
+    for rec in delta.records:
+        by_key[rec.key].append(rec)
+    return by_key
+
+
+def delta_for(delta, recs, shape):
+    """The float32 delta of one checkpoint tensor from all records that patch it."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    for rec in recs:
+        piece = reconstruct(rec, delta.stored(rec))
+        if rec.rows:
+            out[rec.rows[0]: rec.rows[1]] += piece
+        else:
+            out += piece.reshape(shape)
+    return out
+
+
+def check_family(delta, family, where):
+    if delta.family != family:
+        raise DeltaError(f"this delta is for {FAMILIES.get(delta.family, delta.family)}, the "
+                         f"model is {FAMILIES.get(family, family)}", where)
+
+
+def apply_file(base_path, delta_path, out_path, strength=1.0, force=False, overwrite=False,
+               allow_pickle=False, progress=None):
+    """Write base + strength * delta. Refuses a base other than the one the delta was made
+    against (by tensor-data sha256) unless `force`. Returns the number of patched tensors."""
+    delta = read_delta(delta_path)
+    base = Checkpoint(base_path, allow_pickle)
+    try:
+        check_family(delta, base.family, base.path)
+        by_key = records_by_key(delta)
+        missing = [k for k in by_key if k not in base.key_map]
+        if missing:
+            raise DeltaError("the base has no tensor this delta patches", base.path, missing[0])
+        raw_keys = base.raw.keys()
+        layout = [(k, base.raw.dtype(k), base.raw.shape(k)) for k in raw_keys]
+
+        def produce(writer):
+            for i, raw in enumerate(raw_keys):
+                t = base.raw.get(raw)
+                recs = by_key.get(canonical_key(raw))
+                if recs:
+                    t = (t.float() + strength * delta_for(delta, recs, t.shape)).to(t.dtype)
+                writer.write(raw, t)
+                if progress:
+                    progress("apply", i + 1, len(raw_keys), raw)
+            _check_fingerprint(delta, base, hashing, force)
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            hashing = pool.submit(_fingerprint, base.path)
+            write_streaming(out_path, layout, produce, metadata=base.raw.metadata or None,
+                            overwrite=overwrite, inputs=(base_path, delta_path))
+    finally:
+        base.close()
+    return len(by_key)
+
+
+def _check_fingerprint(delta, base, hashing, force):
+    """Checked before the output is renamed into place, so a refusal leaves no file."""
+    want = delta.info.get("base_sha256")
+    got = hashing.result()
+    if want and got != want and not force:
+        raise DeltaError(f"this is not the base the delta was made against (tensor sha256 "
+                         f"{got[:12]}…, delta expects {want[:12]}… from "
+                         f"'{delta.info.get('base_name', '?')}'); pass --force to apply anyway",
+                         base.path)

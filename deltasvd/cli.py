@@ -1,0 +1,183 @@
+"""`deltasvd` command line. Exit codes: 0 ok, 1 failure, 2 usage error."""
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .errors import DeltaError, UsageError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"deltasvd: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _add_rule_args(p, default_energy=None):
+    g = p.add_mutually_exclusive_group(required=default_energy is None)
+    g.add_argument("--energy", type=float, metavar="T",
+                   help="smallest rank with sum(s[:t]) / sum(s) >= T (the paper's rule), 0<T<=1")
+    g.add_argument("--fro", type=float, metavar="F",
+                   help="the same on s^2: retained Frobenius energy, 0<F<=1")
+    g.add_argument("--rank", type=int, metavar="R", help="a fixed rank for every layer")
+    g.add_argument("--size-mb", type=float, metavar="M",
+                   help="a total file size (MiB), ranks allocated to minimise total error")
+    p.add_argument("--min-rank", type=int, default=1, help="lower clamp on every rank")
+    p.add_argument("--max-rank", type=int, default=None, help="upper clamp on every rank")
+
+
+def _rule(args, default_energy=None):
+    from .ranks import RankRule
+    for mode, attr in (("energy", "energy"), ("fro", "fro"), ("rank", "rank"),
+                       ("size_mb", "size_mb")):
+        value = getattr(args, attr)
+        if value is not None:
+            return RankRule(mode, value, args.min_rank, args.max_rank)
+    return RankRule("energy", default_energy, args.min_rank, args.max_rank)
+
+
+def build_parser():
+    p = _Parser(prog="deltasvd", description="Compress fine-tuned Stable Diffusion checkpoints "
+                "against their base into LoRA-compatible delta files (Delta-SVD).")
+    p.add_argument("--version", action="version", version=f"deltasvd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="base + tuned checkpoint -> delta file")
+    c.add_argument("base")
+    c.add_argument("tuned")
+    c.add_argument("-o", "--output", required=True)
+    _add_rule_args(c)
+    c.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="storage dtype of the factors (default fp16)")
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    c.add_argument("--allow-pickle", action="store_true",
+                   help="read .ckpt/.pt files (tensors only, weights_only=True)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    i = sub.add_parser("inspect", help="show a delta file's metadata and rank table")
+    i.add_argument("delta")
+
+    a = sub.add_parser("apply", help="base + delta -> full checkpoint")
+    a.add_argument("base")
+    a.add_argument("delta")
+    a.add_argument("-o", "--output", required=True)
+    a.add_argument("--strength", type=float, default=1.0)
+    a.add_argument("--force", action="store_true",
+                   help="apply even if the base is not the one the delta was made against")
+    a.add_argument("--allow-pickle", action="store_true")
+    a.add_argument("--overwrite", action="store_true")
+
+    r = sub.add_parser("resize", help="cut a delta file to a smaller threshold or size")
+    r.add_argument("delta")
+    r.add_argument("-o", "--output", required=True)
+    _add_rule_args(r)
+    r.add_argument("--overwrite", action="store_true")
+
+    d = sub.add_parser("demo", help="the whole job on a built-in small pair")
+    d.add_argument("--dir", default=None, help="where to put the files (default: a new temp dir)")
+    d.add_argument("--energy", type=float, default=0.5)
+    return p
+
+
+def _progress_bar():
+    """A tqdm bar per stage; returns (callback, close)."""
+    from tqdm import tqdm
+    bars = {}
+
+    def update(stage, done, total, key):
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="tensor", leave=False,
+                                     file=sys.stderr, disable=None)
+        bar.n = done
+        bar.set_postfix_str(key[-40:], refresh=False)
+        bar.refresh()
+
+    def close():
+        for bar in bars.values():
+            bar.close()
+
+    return update, close
+
+
+def _device(name):
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeltaError("--device cuda asked for, but no CUDA device is available")
+    return name
+
+
+def cmd_compress(args):
+    from .api import compress_files
+    rule = _rule(args)
+    progress, close = _progress_bar()
+    try:
+        _, summary = compress_files(args.base, args.tuned, args.output, rule, args.dtype,
+                                    _device(args.device), args.overwrite, args.allow_pickle,
+                                    progress)
+    finally:
+        close()
+    print(summary)
+    print(f"\nwrote {args.output}")
+
+
+def cmd_inspect(args):
+    from .delta_file import read_delta
+    from .summary import inspect_text
+    delta = read_delta(args.delta)
+    print(inspect_text(delta, os.path.getsize(args.delta)))
+
+
+def cmd_apply(args):
+    from .apply import apply_file
+    progress, close = _progress_bar()
+    try:
+        n = apply_file(args.base, args.delta, args.output, args.strength, args.force,
+                       args.overwrite, args.allow_pickle, progress)
+    finally:
+        close()
+    print(f"patched {n} tensors at strength {args.strength}; wrote {args.output}")
+
+
+def cmd_resize(args):
+    from .api import resize_file
+    from .summary import inspect_text
+    delta, size = resize_file(args.delta, args.output, _rule(args), args.overwrite)
+    delta.info["file"] = os.path.basename(args.output)
+    print(inspect_text(delta, size))
+    print(f"\nwrote {args.output}")
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args.dir, args.energy)
+
+
+COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "apply": cmd_apply,
+            "resize": cmd_resize, "demo": cmd_demo}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"deltasvd: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DeltaError as e:
+        print(f"deltasvd: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        print("deltasvd: interrupted; no output written", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK

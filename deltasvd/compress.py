@@ -1,0 +1,394 @@
+"""Two checkpoints -> one Delta (in memory). Streaming: one key pair in memory at a time.
+
+Flow: open_pair -> plan the keys -> read each pair (the next one prefetched in a thread) ->
+dtype-aware delta -> split into LoRA targets or extras -> code each piece (SVD factors, dense
+or exact) -> complete the modules hosts need whole -> Delta. A size budget needs every
+spectrum before any rank is known: pass 1 collects spectra, pass 2 codes with the allocation.
+"""
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import lora_names, spectrum
+from .checkpoint import is_ignored, open_pair
+from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, tensor_names
+from .errors import DeltaError
+from .ranks import RankRule, allocate_budget, is_dense
+from .safetensors_io import tensor_data_sha256
+
+_MANTISSA = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+
+
+@dataclass
+class Piece:
+    """A delta (or rows of one) bound for one record."""
+    rec: LayerRecord
+    data: torch.Tensor            # float32, shape rec.shape
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    changed: int = 0
+    identical: int = 0
+    rounded: int = 0              # base rounded to the tuned dtype before subtracting
+    ignored_ema: int = 0
+    ignored_nonfloat: int = 0
+    only_in_base: list = field(default_factory=list)
+    only_in_tuned: list = field(default_factory=list)
+    precision: dict = field(default_factory=lambda: {"gram64": 0, "svd64": 0})
+
+
+def storage_dtype(name):
+    if name not in STORAGE_DTYPES:
+        raise DeltaError(f"unknown --dtype {name!r}; use fp16, bf16 or fp32")
+    return STORAGE_DTYPES[name]
+
+
+def plan_keys(base, tuned, counts):
+    """Keys whose pair must be read; everything else is counted and reported."""
+    keys = []
+    for key in tuned.keys():
+        if is_ignored(key):
+            counts.ignored_ema += 1
+        elif not tuned.dtype(key).is_floating_point:
+            counts.ignored_nonfloat += 1
+        elif key not in base.key_map:
+            counts.only_in_tuned.append(key)
+        else:
+            keys.append(key)
+    counts.only_in_base = [k for k in base.keys() if k not in tuned.key_map and not is_ignored(k)]
+    if counts.only_in_tuned:
+        raise DeltaError(f"{len(counts.only_in_tuned)} tensor(s) exist only in the tuned model "
+                         "(a delta cannot add weights); is the base the model it was tuned from?",
+                         tuned.path, counts.only_in_tuned[0])
+    return keys
+
+
+def _check_finite(t, ckpt, key):
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise DeltaError("contains NaN or Inf values", ckpt.path, key)
+
+
+def read_deltas(base, tuned, keys, counts, progress=None):
+    """Yield (key, float32 delta) for changed keys; the next pair is read in a thread."""
+    def load(key):
+        return base.get(key), tuned.get(key)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(load, keys[0]) if keys else None
+        for i, key in enumerate(keys):
+            b, t = nxt.result()
+            nxt = pool.submit(load, keys[i + 1]) if i + 1 < len(keys) else None
+            counts.read += 1
+            _check_finite(b, base, key)
+            _check_finite(t, tuned, key)
+            if t.dtype != b.dtype and _MANTISSA.get(t.dtype, 99) < _MANTISSA.get(b.dtype, 99):
+                # Storage rounding of the tuned file is not fine-tuning: compare like with like.
+                b = b.to(t.dtype)
+                counts.rounded += 1
+            if torch.equal(b, t):
+                counts.identical += 1
+            else:
+                counts.changed += 1
+                work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
+                yield key, (t.to(work) - b.to(work)).float()
+            if progress:
+                progress(i + 1, len(keys), key)
+
+
+def _is_norm(base, key, param):
+    weight_key = key if param == "weight" else key[: -len("bias")] + "weight"
+    return weight_key in base.key_map and len(base.shape(weight_key)) == 1
+
+
+def split_pieces(key, delta, base, family):
+    """The records one changed checkpoint tensor becomes."""
+    tgts = lora_names.targets(key, tuple(delta.shape), family)
+    if tgts is None:
+        kind = "exact" if delta.ndim <= 1 else "svd"
+        rec = LayerRecord(name=key, key=key, shape=list(delta.shape), kind=kind, extra=True)
+        return [Piece(rec, delta)]
+    pieces = []
+    for tg in tgts:
+        data = delta if tg.rows is None else delta[tg.rows[0]: tg.rows[1]]
+        kind = "exact" if data.ndim <= 1 else "svd"
+        rec = LayerRecord(name=tg.module, key=key, shape=list(data.shape), kind=kind,
+                          param=tg.param, rows=list(tg.rows) if tg.rows else None,
+                          norm=_is_norm(base, key, tg.param))
+        pieces.append(Piece(rec, data))
+    return pieces
+
+
+def code_exact(piece):
+    """1-D tensors (biases, norms) and scalars: stored exactly, in float32."""
+    rec = piece.rec
+    rec.norm2 = float(piece.data.double().pow(2).sum())
+    return {"diff": piece.data.float().clone()}, None
+
+
+def code_matrix(piece, rule, dtype, device):
+    """SVD-code one matrix piece under `rule` (a RankRule). Returns (tensors, spectrum)."""
+    rec = piece.rec
+    m = spectrum.as_matrix(piece.data)
+    d, k = m.shape
+    md = m.to(device)
+    dec, t, dense = spectrum.decide_rank(md, rule)
+    rec.n, rec.precision = min(d, k), dec.precision
+    rec.sum_s, rec.sum_s2 = float(np.sum(dec.s)), float(np.sum(dec.s * dec.s))
+    rec.norm2 = float(m.double().pow(2).sum())
+    if dense:
+        rec.kind, rec.rank = "dense", t
+        stored = piece.data.to(dtype)
+        rec.err2 = float((piece.data - stored.float()).double().pow(2).sum())
+        return {"diff": stored}, dec.s
+    rec.kind, rec.rank = "svd", t
+    a, b = spectrum.factors(dec, md, t)
+    a, b = a.to(dtype), b.to(dtype)
+    rec.err2 = spectrum.residual_norm(md, a.float(), b.float()) ** 2
+    return _lora_parts(rec, a.cpu(), b.cpu()), dec.s
+
+
+def _lora_parts(rec, a, b):
+    """Shape factors the way both hosts expect: conv down t x in x kh x kw, up out x t x 1 x 1."""
+    t = a.shape[1]
+    if len(rec.shape) == 4:
+        a = a.reshape(a.shape[0], t, 1, 1)
+        b = b.reshape(t, *rec.shape[1:])
+    return {"up": a.contiguous(), "down": b.contiguous(),
+            "alpha": torch.tensor(float(t), dtype=torch.float32)}
+
+
+def _pass1_spectra(base, tuned, keys, counts, device, progress):
+    """Size mode, pass 1: every matrix piece's spectrum (values only)."""
+    spectra = {}
+    for key, delta in read_deltas(base, tuned, keys, counts, progress):
+        for j, piece in enumerate(split_pieces(key, delta, base, base.family)):
+            if piece.rec.kind == "svd":
+                dec = spectrum.gram_spectrum(spectrum.as_matrix(piece.data).to(device), False)
+                spectra[(key, j)] = (dec.s, piece.rec.shape)
+    return spectra
+
+
+def _budget_ranks(spectra, rule, dtype, budget_bytes):
+    """Allocate ranks for size mode. Header and 1-D tensors are reserved before the call."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    items = list(spectra.items())
+    layers = []
+    for _, (s, shape) in items:
+        d, k = shape[0], int(np.prod(shape[1:]))
+        s = s[: rule.max_rank] if rule.max_rank else s
+        layers.append((s, (d + k) * esize + 11))  # + the float64 spectrum head, base64'd
+    ranks = allocate_budget(layers, budget_bytes)
+    return {key: r for (key, _), r in zip(items, ranks)}
+
+
+class Compressor:
+    """Runs the whole job; holds the options so the steps stay short."""
+
+    def __init__(self, rule, dtype="fp16", device="cpu", progress=None):
+        self.rule = rule
+        self.dtype = storage_dtype(dtype)
+        self.dtype_name = dtype
+        self.device = torch.device(device)
+        self.progress = progress
+
+    def run(self, base_path, tuned_path, allow_pickle=False):
+        base, tuned = open_pair(base_path, tuned_path, allow_pickle)
+        counts = Counts()
+        with ThreadPoolExecutor(max_workers=2) as hashers:
+            hashes = [hashers.submit(_fingerprint, p) for p in (base.path, tuned.path)]
+            try:
+                keys = plan_keys(base, tuned, counts)
+                fixed_ranks = None
+                if not self.rule.per_layer:
+                    fixed_ranks = self._allocate(base, tuned, keys)
+                    counts = Counts()  # pass 2 counts again
+                records, tensors, extras, spectra = self._code_all(base, tuned, keys, counts,
+                                                                   fixed_ranks)
+                _complete_modules(records, tensors, _module_index(base), self.dtype)
+            finally:
+                base.close()
+                tuned.close()
+            base_hash, tuned_hash = (h.result() for h in hashes)
+        delta = Delta(family=base.family, records=records, tensors=tensors, extras=extras,
+                      spectra=spectra)
+        delta.info.update({
+            "codec": "svd", "mode": self.rule.mode, "value": _fmt(self.rule.value),
+            "min_rank": self.rule.min_rank, "max_rank": self.rule.max_rank or "",
+            "dtype": self.dtype_name, "base_sha256": base_hash, "tuned_sha256": tuned_hash,
+            "base_name": os.path.basename(base.path), "tuned_name": os.path.basename(tuned.path),
+        })
+        tuned_bytes = os.path.getsize(tuned.path)
+        return delta, counts, tuned_bytes
+
+    def _allocate(self, base, tuned, keys):
+        counts = Counts()
+        spectra = _pass1_spectra(base, tuned, keys, counts, self.device, self._progress("scan"))
+        budget = self.rule.value * 2**20 - _reserved_bytes(spectra, base, tuned, keys)
+        if budget <= 0:
+            raise DeltaError(f"--size-mb {self.rule.value} is smaller than the fixed part of "
+                             "the file (header, spectra, 1-D tensors)")
+        return _budget_ranks(spectra, self.rule, self.dtype, budget)
+
+    def _progress(self, stage):
+        if not self.progress:
+            return None
+        return lambda done, total, key: self.progress(stage, done, total, key)
+
+    def _code_all(self, base, tuned, keys, counts, fixed_ranks):
+        records, tensors, extras, spectra = [], {}, {}, {}
+        for key, delta in read_deltas(base, tuned, keys, counts, self._progress("compress")):
+            for j, piece in enumerate(split_pieces(key, delta, base, base.family)):
+                rule = self.rule
+                if fixed_ranks is not None and (key, j) in fixed_ranks:
+                    rule = RankRule("rank", max(fixed_ranks[(key, j)], 1), min_rank=0)
+                parts, s = self._code_piece(piece, rule, fixed_ranks, key, j)
+                if parts is None:
+                    continue
+                idx = len(records)
+                records.append(piece.rec)
+                _store(piece.rec, parts, tensors, extras)
+                if s is not None:
+                    spectra[idx] = (s, s)
+                if piece.rec.precision in counts.precision:
+                    counts.precision[piece.rec.precision] += 1
+        return records, tensors, extras, spectra
+
+    def _code_piece(self, piece, rule, fixed_ranks, key, j):
+        if piece.rec.kind == "exact":
+            return code_exact(piece)
+        if fixed_ranks is not None and fixed_ranks.get((key, j), 0) == 0:
+            return None, None   # the budget gave this layer nothing
+        return code_matrix(piece, rule, self.dtype, self.device)
+
+
+def _fmt(v):
+    return str(int(v)) if float(v).is_integer() and v >= 1 else repr(float(v))
+
+
+def _fingerprint(path):
+    if path.lower().endswith(".safetensors"):
+        return tensor_data_sha256(path)
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _reserved_bytes(spectra, base, tuned, keys):
+    """Bytes of the file that do not depend on ranks: header, spectra, 1-D deltas (estimate,
+    on the generous side; the exact fit is checked after coding)."""
+    n_values = sum(min(shape[0], int(np.prod(shape[1:]))) for s, shape in spectra.values())
+    one_d = sum(4 * int(np.prod(tuned.shape(k))) for k in keys if len(tuned.shape(k)) <= 1)
+    per_record = 600 * (len(spectra) + len(keys))   # JSON records, ranks, tensor headers
+    return 8192 + n_values * 2 * 4 / 3 + one_d + per_record
+
+
+def _store(rec, parts, tensors, extras):
+    names = tensor_names(rec)
+    dst = extras if rec.extra else tensors
+    for part, tensor in parts.items():
+        if part in names:
+            dst[names[part]] = tensor
+
+
+def _complete_modules(records, tensors, modules, dtype):
+    """Add what A1111 needs to accept every module (zero-valued, so nothing changes):
+    a weight part beside a lone bias (a lone `.diff_b` makes A1111 reject the whole file), the
+    missing half of a w_norm / b_norm pair, and all four projections of a MultiheadAttention
+    (A1111 patches one only when q, k, v and out are all present)."""
+    have = {}
+    for rec in records:
+        if not rec.extra:
+            have.setdefault(rec.name, set()).add(rec.param)
+    groups = {modules[name]["mha"] for name in have if name in modules and modules[name]["mha"]}
+    for name, info in modules.items():
+        params = have.get(name, set())
+        needs_weight = ("bias" in params and "weight" not in params) or (
+            info["mha"] in groups and "weight" not in params)
+        if needs_weight:
+            _add_fill(records, tensors, name, info, "weight", dtype)
+        if info["norm"] and "weight" in params and "bias" not in params and info["has_bias"]:
+            _add_fill(records, tensors, name, info, "bias", dtype)
+
+
+def _module_index(base):
+    """LoRA module name -> where its weight lives, from the base's keys (no data read)."""
+    index = {}
+    for key in base.keys():
+        if not key.endswith(("weight", "in_proj_weight")) or is_ignored(key):
+            continue
+        tgts = lora_names.targets(key, base.shape(key), base.family)
+        for tg in tgts or ():
+            if tg.param != "weight":
+                continue
+            shape = list(base.shape(key))
+            if tg.rows:
+                shape[0] = tg.rows[1] - tg.rows[0]
+            bias_key = key[: -len("weight")] + "bias"
+            index[tg.module] = {"key": key, "rows": list(tg.rows) if tg.rows else None,
+                                "shape": shape, "mha": tg.mha, "norm": len(shape) == 1,
+                                "has_bias": bias_key in base.key_map, "bias_key": bias_key}
+    return index
+
+
+def _add_fill(records, tensors, name, info, param, dtype):
+    if info["norm"]:
+        key = info["key"] if param == "weight" else info["bias_key"]
+        rec = LayerRecord(name=name, key=key, shape=[info["shape"][0]], kind="exact",
+                          param=param, norm=True)
+        tensors[tensor_names(rec)["diff"]] = torch.zeros(info["shape"][0])
+    else:
+        shape = info["shape"]
+        rec = LayerRecord(name=name, key=info["key"], shape=shape, kind="svd", rows=info["rows"],
+                          rank=1)
+        up = torch.zeros(shape[0], 1, dtype=dtype)
+        down = torch.zeros(1, int(np.prod(shape[1:])), dtype=dtype)
+        for part, t in _lora_parts(rec, up, down).items():
+            tensors[tensor_names(rec)[part]] = t
+    records.append(rec)
+
+
+def trim_to_size(delta, limit_bytes, file_size_fn):
+    """Size mode: drop the least valuable trailing components until the file fits. Exact:
+    factors are ordered by singular value, so a prefix of them is the smaller truncation."""
+    from .resize import truncate_record
+    for _ in range(64):
+        size = file_size_fn(delta)
+        if size <= limit_bytes:
+            return size
+        over = size - limit_bytes
+        candidates = []
+        for i, rec in enumerate(delta.records):
+            if rec.kind == "svd" and rec.n and rec.rank > 0 and i in delta.spectra:
+                head = delta.spectra[i][1]
+                d, k = rec.matrix_shape
+                candidates.append((float(head[rec.rank - 1]) ** 2 / (d + k), i, (d + k)))
+        if not candidates:
+            break
+        candidates.sort()
+        freed = 0
+        esize = torch.empty((), dtype=STORAGE_DTYPES[delta.info["dtype"]]).element_size()
+        for _, i, width in candidates:
+            truncate_record(delta, i, delta.records[i].rank - 1)
+            freed += width * esize
+            if freed >= over * 1.02 + 64:
+                break
+    size = file_size_fn(delta)
+    if size > limit_bytes:
+        raise DeltaError(f"cannot fit the delta into {limit_bytes / 2**20:.2f} MB")
+    return size
+
+
+def relative_error(records):
+    err2 = sum(r.err2 for r in records)
+    norm2 = sum(r.norm2 for r in records)
+    return math.sqrt(err2 / norm2) if norm2 > 0 else 0.0

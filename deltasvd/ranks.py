@@ -1,0 +1,127 @@
+"""Rank selection rules, on a layer's singular values (float64 numpy, descending).
+
+- energy: the paper's rule, smallest t with sum(s[:t]) / sum(s) >= T (sum of s, not s^2).
+- fro:    the same on s^2 (retained Frobenius energy).
+- rank:   a fixed rank.
+- size_mb: a whole-file budget, see `allocate_budget`.
+Each rule also gives the range of ranks it could pick when every s_i is only known to within
++-err_i (the float32 Gram route); a range wider than one rank sends the layer to float64.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+MODES = ("energy", "fro", "rank", "size_mb")
+
+
+def _first_reaching(ratio, target):
+    """1-based index of the first ratio >= target (len(ratio) if none does)."""
+    hit = np.nonzero(ratio >= target)[0]
+    return int(hit[0]) + 1 if hit.size else len(ratio)
+
+
+def _threshold_rank(values, target):
+    total = float(np.sum(values))
+    if values.size == 0 or total <= 0.0:
+        return 0
+    if target >= 1.0:
+        return int(values.size)
+    return _first_reaching(np.cumsum(values) / total, target)
+
+
+def _threshold_range(values, err, target):
+    """(lowest, highest) rank the rule can pick for values known to +-err."""
+    if values.size == 0 or target >= 1.0:
+        t = _threshold_rank(values, target)
+        return t, t
+    c = np.cumsum(values)
+    e = np.cumsum(err)
+    rest = c[-1] - c
+    rest_err = e[-1] - e
+    upper = (c + e) / np.maximum(c + e + np.maximum(rest - rest_err, 0.0), 1e-300)
+    low_num = np.maximum(c - e, 0.0)
+    lower = low_num / np.maximum(low_num + rest + rest_err, 1e-300)
+    return _first_reaching(upper, target), _first_reaching(lower, target)
+
+
+@dataclass
+class RankRule:
+    mode: str
+    value: float
+    min_rank: int = 1
+    max_rank: int = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise UsageError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        v = self.value
+        if self.mode in ("energy", "fro") and not (0.0 < v <= 1.0):
+            raise UsageError(f"--{self.mode} must be in (0, 1], got {v}")
+        if self.mode == "rank" and (v < 1 or int(v) != v):
+            raise UsageError(f"--rank must be a whole number >= 1, got {v}")
+        if self.mode == "size_mb" and not v > 0:
+            raise UsageError(f"--size-mb must be > 0, got {v}")
+        if self.min_rank is not None and self.min_rank < 0:
+            raise UsageError("--min-rank must be >= 0")
+        if self.max_rank is not None and self.max_rank < max(self.min_rank or 0, 1):
+            raise UsageError("--max-rank must be >= 1 and >= --min-rank")
+
+    @property
+    def per_layer(self):
+        return self.mode != "size_mb"
+
+    def raw_rank(self, s):
+        """The rule itself, before clamps."""
+        if self.mode == "energy":
+            return _threshold_rank(s, self.value)
+        if self.mode == "fro":
+            return _threshold_rank(s * s, self.value)
+        if self.mode == "rank":
+            return min(int(self.value), s.size)
+        raise ValueError("size_mb ranks come from allocate_budget")
+
+    def raw_range(self, s, err):
+        if self.mode == "energy":
+            return _threshold_range(s, err, self.value)
+        if self.mode == "fro":
+            # |s^2 - s'^2| <= err * (2 s + err)
+            return _threshold_range(s * s, err * (2.0 * s + err), self.value)
+        t = self.raw_rank(s)
+        return t, t
+
+    def clamp(self, t, n):
+        if self.max_rank is not None:
+            t = min(t, self.max_rank)
+        if self.min_rank:
+            t = max(t, self.min_rank)
+        return max(0, min(t, n))
+
+
+def is_dense(t, d, k):
+    """Factors that would be no smaller than the dense delta: store it dense instead."""
+    return t * (d + k) >= d * k
+
+
+def allocate_budget(layers, budget):
+    """Ranks minimising total squared error for a total cost of at most `budget`.
+
+    `layers`: list of (s, cost) where cost is what one more component of that layer costs
+    (its d + k stored values, in bytes). Component i removes s_i^2 of squared error; s is
+    descending, so the gain per byte s_i^2 / cost falls within each layer and a greedy pick
+    over all layers at once takes a prefix of each: optimal for this separable problem up to
+    the last partial step."""
+    ranks = [0] * len(layers)
+    if not layers:
+        return ranks
+    gain = np.concatenate([(s * s) / float(c) for s, c in layers])
+    owner = np.concatenate([np.full(s.size, i, dtype=np.int64) for i, (s, _) in enumerate(layers)])
+    cost = np.array([c for _, c in layers], dtype=np.float64)[owner]
+    order = np.argsort(-gain, kind="stable")
+    order = order[gain[order] > 0.0]  # a zero singular value buys nothing
+    spent = np.cumsum(cost[order])
+    taken = order[: int(np.searchsorted(spent, budget, side="right"))]
+    counts = np.bincount(owner[taken], minlength=len(layers))
+    return [int(c) for c in counts]

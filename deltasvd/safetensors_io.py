@@ -1,0 +1,273 @@
+"""Reading and writing .safetensors files: lazy tensor-by-tensor reads, streamed atomic writes.
+
+The stock `safetensors.torch.save_file` needs every tensor in memory at once; a merged SDXL
+checkpoint does not fit that way on a small machine, so the writer here streams: the header is
+built from (name, dtype, shape) up front and each tensor is written as it is produced. Every
+write goes to a temporary file beside the target and is renamed into place only on success.
+"""
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+
+import torch
+
+from .errors import DeltaError
+
+DTYPE_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+HEADER_LIMIT = 100_000_000  # the limit safetensors itself enforces
+
+
+def read_header(path):
+    """Return (header dict without __metadata__, metadata dict, data offset). Validates framing."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DeltaError("file not found", path)
+    if os.path.isdir(path):
+        raise DeltaError("is a folder, not a .safetensors file", path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DeltaError("not a safetensors file (shorter than its 8-byte header length)", path)
+        (n,) = struct.unpack("<Q", head)
+        if n > HEADER_LIMIT or 8 + n > size:
+            raise DeltaError("not a safetensors file (header length is out of range; "
+                             "a pickle .ckpt or a truncated download?)", path)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DeltaError("not a safetensors file (its header is not JSON)", path) from None
+    if not isinstance(header, dict):
+        raise DeltaError("not a safetensors file (its header is not a JSON object)", path)
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for name, info in header.items():
+        try:
+            begin, stop = info["data_offsets"]
+            info["dtype"], info["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise DeltaError("malformed header entry", path, name) from None
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise DeltaError(f"truncated: the header promises {8 + n + end} bytes, the file has {size}",
+                         path)
+    return header, metadata, 8 + n
+
+
+class SafeTensorsFile:
+    """A .safetensors file opened for lazy reads: keys, shapes and dtypes without reading data.
+
+    Tensors are read with plain positioned reads, not mmap: pages of a mapped 4 GB checkpoint
+    count towards the process's resident memory, plain reads leave them in the page cache."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.header, self.metadata, self.data_offset = read_header(self.path)
+        for key in self.header:
+            self._check_entry(key)
+        self._f = open(self.path, "rb")
+
+    def _check_entry(self, key):
+        info = self.header[key]
+        dtype = self.dtype(key)
+        numel = 1
+        for d in info["shape"]:
+            numel *= int(d)
+        begin, end = info["data_offsets"]
+        if end - begin != numel * torch.empty((), dtype=dtype).element_size():
+            raise DeltaError("malformed header: byte range does not match shape and dtype",
+                             self.path, key)
+
+    def keys(self):
+        return list(self.header.keys())
+
+    def shape(self, key):
+        return tuple(self.header[key]["shape"])
+
+    def dtype(self, key):
+        st = self.header[key]["dtype"]
+        if st not in ST_TO_DTYPE:
+            raise DeltaError(f"unsupported dtype {st}", self.path, key)
+        return ST_TO_DTYPE[st]
+
+    def nbytes(self, key):
+        begin, end = self.header[key]["data_offsets"]
+        return end - begin
+
+    def get(self, key):
+        begin, end = self.header[key]["data_offsets"]
+        buf = bytearray(end - begin)
+        try:
+            n = os.preadv(self._f.fileno(), [buf], self.data_offset + begin)
+        except OSError as e:
+            raise DeltaError(f"cannot be read ({e.strerror})", self.path, key) from None
+        if n != len(buf):
+            raise DeltaError("truncated while reading", self.path, key)
+        if not buf:
+            return torch.empty(self.shape(key), dtype=self.dtype(key))
+        return torch.frombuffer(buf, dtype=self.dtype(key)).reshape(self.shape(key))
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def tensor_data_sha256(path, chunk=16 << 20):
+    """sha256 of the tensor data (everything after the header), as A1111's addnet hash does.
+
+    hashlib releases the GIL on large updates, so this can run in a thread beside the math."""
+    _, _, offset = read_header(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensor_bytes(t):
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def layout_header(layout, metadata):
+    header, offset = {}, 0
+    for name, dtype, shape in layout:
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_TO_ST[dtype], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return raw
+
+
+def check_output_path(path, overwrite=False, inputs=()):
+    """Refuse an output that is one of the inputs, a folder, in a missing folder, or an
+    existing file (unless `overwrite`). Returns the absolute path."""
+    path = os.path.abspath(os.fspath(path))
+    for src in inputs:
+        if src is None:
+            continue
+        src = os.path.abspath(os.fspath(src))
+        if src == path or (os.path.exists(path) and os.path.exists(src)
+                           and os.path.samefile(src, path)):
+            raise DeltaError("output is one of the inputs; refusing to overwrite an input", path)
+    if os.path.isdir(path):
+        raise DeltaError("output is a folder", path)
+    if os.path.exists(path) and not overwrite:
+        raise DeltaError("output exists (pass --overwrite to replace it)", path)
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise DeltaError("output folder does not exist", folder)
+    if not os.access(folder, os.W_OK):
+        raise DeltaError("output folder is not writable", folder)
+    return path
+
+
+@contextmanager
+def atomic_output(path, overwrite=False, inputs=()):
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = check_output_path(path, overwrite, inputs)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
+                                   dir=os.path.dirname(path))
+    except OSError as e:
+        raise DeltaError(f"cannot write here ({e.strerror})", path) from None
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class StreamingWriter:
+    """Writes tensors in a fixed layout order into an open file; see `write_streaming`."""
+
+    def __init__(self, f, layout):
+        self._f = f
+        self._pending = [(n, d, tuple(s)) for n, d, s in layout]
+        self._i = 0
+
+    def write(self, name, tensor):
+        want_name, want_dtype, want_shape = self._pending[self._i]
+        if name != want_name or tensor.dtype != want_dtype or tuple(tensor.shape) != want_shape:
+            raise ValueError(f"writer expected {want_name} {want_dtype} {want_shape}, "
+                             f"got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self._f.write(_tensor_bytes(tensor))
+        self._i += 1
+
+    def finished(self):
+        return self._i == len(self._pending)
+
+
+def write_streaming(path, layout, produce, metadata=None, overwrite=False, inputs=()):
+    """Write a safetensors file whose tensors `produce(writer)` hands over one at a time, in
+    `layout` order ([(name, dtype, shape)]). Atomic: on any exception nothing is left behind."""
+    with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                raw = layout_header(layout, metadata)
+                f.write(struct.pack("<Q", len(raw)))
+                f.write(raw)
+                writer = StreamingWriter(f, layout)
+                produce(writer)
+                if not writer.finished():
+                    raise ValueError("writer closed before every tensor was written")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise DeltaError(f"write failed ({e.strerror})", path) from None
+
+
+def data_sha256(tensors):
+    """sha256 of the data section a file of these tensors (in this order) would have."""
+    h = hashlib.sha256()
+    for t in tensors.values():
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def write_tensors(path, tensors, metadata_fn=None, overwrite=False, inputs=()):
+    """Write an in-memory dict of tensors (in dict order). `metadata_fn(data_sha256)` builds the
+    metadata, so a file can carry the hash of its own data (kohya's `sshs_model_hash`)."""
+    metadata = metadata_fn(data_sha256(tensors)) if metadata_fn else None
+    layout = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+
+    def produce(writer):
+        for k, t in tensors.items():
+            writer.write(k, t)
+
+    write_streaming(path, layout, produce, metadata, overwrite=overwrite, inputs=inputs)
