@@ -53,7 +53,7 @@ class LegacyCheckpoint:
         self.path = os.fspath(path)
         self.metadata = {}
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            obj = self._load()
         except pickle.UnpicklingError as e:
             raise DeltaError(
                 "refused: this pickle needs code to run to load, which could do anything "
@@ -66,6 +66,14 @@ class LegacyCheckpoint:
         if not isinstance(obj, dict):
             raise DeltaError("holds no state dict", self.path)
         self._sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+    def _load(self):
+        try:  # zip-format files map lazily; old plain pickles cannot be mapped
+            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(self.path, map_location="cpu", weights_only=True)
 
     def keys(self):
         return list(self._sd)

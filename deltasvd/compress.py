@@ -6,6 +6,7 @@ or exact) -> complete the modules hosts need whole -> Delta. A size budget needs
 spectrum before any rank is known: pass 1 collects spectra, pass 2 codes with the allocation.
 """
 
+import heapq
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from .errors import DeltaError
 from .ranks import RankRule, allocate_budget, is_dense
 from .safetensors_io import tensor_data_sha256
 
+OVERSHOOT = 1.05  # size mode: code 5% over the estimated budget, then trim exactly
 _MANTISSA = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
 
@@ -234,7 +236,9 @@ class Compressor:
         if budget <= 0:
             raise DeltaError(f"--size-mb {self.rule.value} is smaller than the fixed part of "
                              "the file (header, spectra, 1-D tensors)")
-        return _budget_ranks(spectra, self.rule, self.dtype, budget)
+        # Code a little more than the estimate allows; trim_to_size then cuts the least
+        # valuable components until the real file fits, so no budget is left unused.
+        return _budget_ranks(spectra, self.rule, self.dtype, budget * OVERSHOOT)
 
     def _progress(self, stage):
         if not self.progress:
@@ -284,12 +288,12 @@ def _fingerprint(path):
 
 
 def _reserved_bytes(spectra, base, tuned, keys):
-    """Bytes of the file that do not depend on ranks: header, spectra, 1-D deltas (estimate,
-    on the generous side; the exact fit is checked after coding)."""
+    """Bytes of the file that do not depend on ranks: header, spectra, 1-D deltas. An estimate
+    on the lean side: OVERSHOOT and trim_to_size make the fit exact."""
     n_values = sum(min(shape[0], int(np.prod(shape[1:]))) for s, shape in spectra.values())
     one_d = sum(4 * int(np.prod(tuned.shape(k))) for k in keys if len(tuned.shape(k)) <= 1)
-    per_record = 600 * (len(spectra) + len(keys))   # JSON records, ranks, tensor headers
-    return 8192 + n_values * 2 * 4 / 3 + one_d + per_record
+    per_record = 250 * (len(spectra) + len(keys))   # JSON records, ranks, tensor headers
+    return 2048 + n_values * 2 * 4 / 3 + one_d + per_record
 
 
 def _store(rec, parts, tensors, extras):
@@ -359,32 +363,36 @@ def _add_fill(records, tensors, name, info, param, dtype):
 
 def trim_to_size(delta, limit_bytes, file_size_fn):
     """Size mode: drop the least valuable trailing components until the file fits. Exact:
-    factors are ordered by singular value, so a prefix of them is the smaller truncation."""
+    factors are ordered by singular value, so a prefix of them is the smaller truncation.
+    Layers keep rank >= 1 (a rank-0 LoRA module makes hosts divide alpha by zero)."""
     from .resize import truncate_record
-    for _ in range(64):
+    esize = STORAGE_DTYPES[delta.info["dtype"]].itemsize
+
+    def gain(i):
+        rec = delta.records[i]
+        return float(delta.spectra[i][1][rec.rank - 1]) ** 2 / sum(rec.matrix_shape)
+
+    for _ in range(16):
         size = file_size_fn(delta)
         if size <= limit_bytes:
             return size
-        over = size - limit_bytes
-        candidates = []
-        for i, rec in enumerate(delta.records):
-            if rec.kind == "svd" and rec.n and rec.rank > 0 and i in delta.spectra:
-                head = delta.spectra[i][1]
-                d, k = rec.matrix_shape
-                candidates.append((float(head[rec.rank - 1]) ** 2 / (d + k), i, (d + k)))
-        if not candidates:
+        heap = [(gain(i), i) for i, rec in enumerate(delta.records)
+                if rec.kind == "svd" and rec.n and rec.rank > 1 and i in delta.spectra]
+        heapq.heapify(heap)
+        freed, over = 0, size - limit_bytes
+        while heap and freed < over:
+            _, i = heapq.heappop(heap)
+            rec = delta.records[i]
+            truncate_record(delta, i, rec.rank - 1)
+            freed += sum(rec.matrix_shape) * esize
+            if rec.rank > 1:
+                heapq.heappush(heap, (gain(i), i))
+        if not heap and freed < over:
             break
-        candidates.sort()
-        freed = 0
-        esize = torch.empty((), dtype=STORAGE_DTYPES[delta.info["dtype"]]).element_size()
-        for _, i, width in candidates:
-            truncate_record(delta, i, delta.records[i].rank - 1)
-            freed += width * esize
-            if freed >= over * 1.02 + 64:
-                break
     size = file_size_fn(delta)
     if size > limit_bytes:
-        raise DeltaError(f"cannot fit the delta into {limit_bytes / 2**20:.2f} MB")
+        raise DeltaError(f"cannot fit the delta into {limit_bytes / 2**20:.3f} MB (its smallest "
+                         f"form is {size / 2**20:.3f} MB)")
     return size
 
 

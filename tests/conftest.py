@@ -1,0 +1,64 @@
+"""Shared test helpers: tiny hand-made checkpoint pairs (exact SD key names, few keys)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/comfy_env.py, tests/a1111_rules.py
+
+from deltasvd.fixtures import load_spec  # noqa: E402
+from deltasvd.safetensors_io import write_tensors  # noqa: E402
+
+# A few real SD1.5 keys: the detection key, a conv, a linear, a norm pair, a bias, TE layers.
+TINY_KEYS = [
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+    "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+    "model.diffusion_model.input_blocks.1.1.proj_in.bias",
+    "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+    "model.diffusion_model.input_blocks.1.0.in_layers.0.weight",
+    "model.diffusion_model.input_blocks.1.0.in_layers.0.bias",
+    "model.diffusion_model.out.2.weight",
+    "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+    "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.bias",
+    "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+]
+
+
+def tiny_state(seed=0, keys=TINY_KEYS, dtype=torch.float32):
+    shapes = {k: s for k, s, _ in load_spec("sd15")}
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(shapes[k], generator=g) * 0.05).to(dtype) for k in keys}
+
+
+def fine_tune(state, seed=1, rank=8, scale=0.01, noise=1e-4, dtype=None):
+    """A structured delta: decaying low rank plus noise on matrices, a nudge on 1-D tensors."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, w in state.items():
+        w32 = w.float()
+        if w.ndim >= 2:
+            d, kk = w.shape[0], w[0].numel()
+            r = min(rank, d, kk)
+            s = scale * 0.7 ** torch.arange(r, dtype=torch.float32)
+            u = torch.randn(d, r, generator=g)
+            v = torch.randn(r, kk, generator=g)
+            dw = (u * s) @ v / kk ** 0.5 + noise * torch.randn(d, kk, generator=g)
+            w32 = w32 + dw.reshape(w.shape)
+        else:
+            w32 = w32 + 0.01 * torch.randn(w.shape, generator=g)
+        out[k] = w32.to(dtype or w.dtype)
+    return out
+
+
+def save(path, state):
+    write_tensors(str(path), state)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_pair(tmp_path):
+    base = tiny_state()
+    return save(tmp_path / "base.safetensors", base), \
+        save(tmp_path / "tuned.safetensors", fine_tune(base))

@@ -1,0 +1,137 @@
+"""Rank rules and the spectrum ladder against float64 references on known spectra."""
+
+import numpy as np
+import pytest
+import torch
+
+from deltasvd import spectrum
+from deltasvd.ranks import RankRule, allocate_budget, is_dense
+
+
+def ref_rank(s, mode, value):
+    """Straight from the definitions, in float64, one component at a time."""
+    s = np.asarray(s, dtype=np.float64)
+    vals = s if mode == "energy" else s * s
+    total = vals.sum()
+    if mode == "rank":
+        return min(int(value), s.size)
+    acc = 0.0
+    for t, v in enumerate(vals, start=1):
+        acc += v
+        if acc / total >= value:
+            return t
+    return s.size
+
+
+def known_matrix(d, k, s, seed):
+    """U diag(s) V^T with random orthonormal U, V, in float64 and its float32 copy."""
+    g = torch.Generator().manual_seed(seed)
+    r = len(s)
+    u, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(k, r, generator=g, dtype=torch.float64))
+    m64 = (u * torch.tensor(s, dtype=torch.float64)) @ v.T
+    return m64.float()
+
+
+SPECTRA = {
+    "geometric": lambda n: 0.05 * 0.97 ** np.arange(n),
+    "power": lambda n: 0.05 / (1.0 + np.arange(n)) ** 0.7,
+    "flat_tail": lambda n: np.concatenate([0.05 * 0.8 ** np.arange(8), np.full(n - 8, 1e-3)]),
+    "low_rank": lambda n: np.concatenate([0.05 * 0.7 ** np.arange(6), np.zeros(n - 6)]),
+}
+SHAPES = [(320, 320), (640, 1280), (1280, 640), (320, 2880)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", list(SPECTRA))
+@pytest.mark.parametrize("mode,value", [("energy", 0.06), ("energy", 0.5), ("energy", 0.9),
+                                        ("fro", 0.5), ("fro", 0.99), ("rank", 16)])
+def test_rank_equals_float64_reference(shape, kind, mode, value):
+    d, k = shape
+    m = known_matrix(d, k, SPECTRA[kind](min(d, k)), seed=d + k)
+    ref_s = torch.linalg.svdvals(m.double()).numpy()
+    rule = RankRule(mode, value)
+    _, t, _ = spectrum.decide_rank(m, rule)
+    assert t == rule.clamp(ref_rank(ref_s, mode, value), min(d, k))
+
+
+def test_gram_error_model_holds_on_random_layers():
+    """The per-value bound the ladder relies on, against float64 SVD, with headroom."""
+    worst = 0.0
+    for i, (d, k) in enumerate([(320, 320), (640, 1280), (1280, 640), (768, 3072),
+                                (320, 5760)]):
+        g = torch.Generator().manual_seed(100 + i)
+        n = min(d, k)
+        s = 0.05 * np.exp(-np.arange(n) / (n / 8.0)) + 1e-4
+        m = known_matrix(d, k, s, seed=i) + 1e-5 * torch.randn(d, k, generator=g)
+        dec = spectrum.gram_spectrum(m)
+        ref = torch.linalg.svdvals(m.double()).numpy()
+        worst = max(worst, float(np.max(np.abs(dec.s - ref) / dec.err)))
+    assert worst < 0.7, f"error model too tight: {worst:.2f} of the bound used"
+
+
+def test_factors_reach_exact_truncation_error():
+    m = known_matrix(640, 1280, SPECTRA["power"](640), seed=3)
+    ref = torch.linalg.svdvals(m.double()).numpy()
+    for tall_m in (m, m.T.contiguous()):
+        dec, t, dense = spectrum.decide_rank(tall_m, RankRule("energy", 0.5))
+        assert not dense
+        a, b = spectrum.factors(dec, tall_m, t)
+        assert a.shape == (tall_m.shape[0], t) and b.shape == (t, tall_m.shape[1])
+        exact = float(np.sqrt(np.sum(ref[t:] ** 2)))
+        got = spectrum.residual_norm(tall_m, a, b)
+        assert abs(got - exact) <= 1e-3 * exact
+        # B holds V^T: orthonormal rows; A = U S: column norms are the singular values.
+        assert torch.allclose(b @ b.T, torch.eye(t), atol=1e-4)
+        assert np.allclose(a.norm(dim=0).numpy(), ref[:t], rtol=1e-4)
+
+
+def test_rank_deficient_delta_climbs_to_svd64():
+    """A merged LoRA: exact zeros after rank 6; float32 Gram turns them into noise."""
+    m = known_matrix(640, 640, SPECTRA["low_rank"](640), seed=5)
+    dec, t, _ = spectrum.decide_rank(m, RankRule("energy", 0.9))
+    assert dec.precision in ("gram64", "svd64")
+    assert t <= 6
+
+
+def test_energy_one_is_full_rank_and_dense():
+    m = known_matrix(64, 96, SPECTRA["geometric"](64), seed=1)
+    _, t, dense = spectrum.decide_rank(m, RankRule("energy", 1.0))
+    assert t == 64 and dense
+
+
+def test_dense_threshold():
+    assert not is_dense(10, 100, 100)
+    assert is_dense(50, 100, 100)       # 50 * 200 = 100 * 100
+    assert is_dense(1, 1, 5)            # 1 * 6 >= 5
+
+
+def test_clamps():
+    rule = RankRule("energy", 0.5, min_rank=4, max_rank=8)
+    assert rule.clamp(1, 100) == 4 and rule.clamp(20, 100) == 8 and rule.clamp(20, 6) == 6
+
+
+@pytest.mark.parametrize("mode,value", [("energy", 0.0), ("energy", 1.5), ("fro", -1),
+                                        ("rank", 0), ("rank", 2.5), ("size_mb", 0),
+                                        ("bogus", 1)])
+def test_bad_rule_values_are_usage_errors(mode, value):
+    from deltasvd.errors import UsageError
+    with pytest.raises(UsageError):
+        RankRule(mode, value)
+
+
+def test_budget_allocation_is_greedy_optimal():
+    """Against brute force on a small problem: no other split of the budget does better."""
+    rng = np.random.default_rng(0)
+    layers = [(np.sort(rng.random(6))[::-1], c) for c in (3, 5, 4)]
+    budget = 30
+    ranks = allocate_budget(layers, budget)
+    assert sum(r * c for r, (_, c) in zip(ranks, layers)) <= budget
+
+    def kept(rs):
+        return sum(float(np.sum(s[:r] ** 2)) for r, (s, _) in zip(rs, layers))
+
+    best = max((kept((a, b, c)), (a, b, c)) for a in range(7) for b in range(7) for c in range(7)
+               if 3 * a + 5 * b + 4 * c <= budget)
+    # Greedy is optimal up to the last partial step: within one component of the best.
+    assert kept(ranks) >= best[0] - max(float(s[0] ** 2) for s, _ in layers)
