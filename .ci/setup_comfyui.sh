@@ -33,7 +33,7 @@ fi
 # CUDA build (GBs). The constraints file below only guards against upgrades.
 if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "error: torch is not installed for $PY; install the CPU build of ${TORCH_PIN} first:" >&2
-    echo "  $PY -m pip install ${TORCH_PIN} --index-url https://download.pytorch.org/whl/cpu" >&2
+    echo "  $PY -m pip install ${TORCH_PIN}" >&2
     exit 1
 fi
 

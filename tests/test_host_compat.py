@@ -273,6 +273,9 @@ def comfy_problems(host, made_, path=None):
     got = {}  # checkpoint key -> float64 delta ComfyUI applies (q/k/v thirds put together)
     for key in sorted(patches):
         ckpt_key, part = comfy_to_checkpoint(made_.family, key)
+        if ckpt_key not in ckpt:
+            problems.append(f"{key}: ComfyUI patches {ckpt_key}, which the base does not have")
+            continue
         rows = None
         if part is not None:
             third = shapes[ckpt_key][0] // 3
@@ -522,16 +525,20 @@ def test_negative_key_set(made, comfy_host, workdir):
     gone = _some(tensors, ".lora_up.weight", "lora_unet_").split(".", 1)[0]
     gone_key = "model.diffusion_model." + next(
         r.key for r in made_.delta.records if r.name == gone)[len("model.diffusion_model."):]
-    added = "lora_unet_output_blocks_2_1_conv"  # in the full model, not in the small pair
-    assert not any(k.startswith(added + ".") for k in tensors)
+    # a 2-D UNet weight of the base that no record patches (time_embed: never fine-tuned)
+    record_keys = {r.key for r in made_.delta.records}
+    add_key = "model.diffusion_model.time_embed.0.weight"
+    assert add_key not in record_keys
+    added = "lora_unet_time_embed_0"
+    out, inp = ar.read_safetensors_shapes(made_.base)[add_key]
 
     def edit(t):
         for name in [n for n in t if n.split(".", 1)[0] == gone]:
             del t[name]
-        t[added + ".lora_up.weight"] = torch.ones(1280, 1, 1, 1, dtype=torch.float16)
-        t[added + ".lora_down.weight"] = torch.full((1, 1280, 3, 3), 1e-3, dtype=torch.float16)
+        t[added + ".lora_up.weight"] = torch.ones(out, 1, dtype=torch.float16)
+        t[added + ".lora_down.weight"] = torch.full((1, inp), 1e-3, dtype=torch.float16)
         t[added + ".alpha"] = torch.tensor(1.0)
     path = write_copy(made_, workdir / "key_set.safetensors", edit)
     problems = comfy_problems(comfy_host("sd15"), made_, path)
     assert any(p.startswith("keys ComfyUI changes != non-zero record keys") and gone_key in p
-               and "output_blocks.2.1.conv.weight" in p for p in problems), problems
+               and add_key in p for p in problems), problems
