@@ -72,9 +72,15 @@ def plan_keys(base, tuned, counts):
     return keys
 
 
-def _check_finite(t, ckpt, key):
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise DeltaError("contains NaN or Inf values", ckpt.path, key)
+def _check_finite(delta, b, t, base, tuned, key):
+    """NaN or Inf on either side makes the delta non-finite: one cheap reduction on the
+    delta, and only on failure a look at which file holds it."""
+    if bool(torch.isfinite(delta.sum(dtype=torch.float64))):
+        return
+    if torch.isfinite(delta).all():
+        return  # finite values whose sum overflowed
+    bad = tuned if not bool(torch.isfinite(t).all()) else base
+    raise DeltaError("contains NaN or Inf values", bad.path, key)
 
 
 def read_deltas(base, tuned, keys, counts, progress=None):
@@ -88,8 +94,6 @@ def read_deltas(base, tuned, keys, counts, progress=None):
             b, t = nxt.result()
             nxt = pool.submit(load, keys[i + 1]) if i + 1 < len(keys) else None
             counts.read += 1
-            _check_finite(b, base, key)
-            _check_finite(t, tuned, key)
             if t.dtype != b.dtype and _MANTISSA.get(t.dtype, 99) < _MANTISSA.get(b.dtype, 99):
                 # Storage rounding of the tuned file is not fine-tuning: compare like with like.
                 b = b.to(t.dtype)
@@ -99,7 +103,9 @@ def read_deltas(base, tuned, keys, counts, progress=None):
             else:
                 counts.changed += 1
                 work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
-                yield key, (t.to(work) - b.to(work)).float()
+                delta = (t.to(work) - b.to(work)).float()
+                _check_finite(delta, b, t, base, tuned, key)
+                yield key, delta
             if progress:
                 progress(i + 1, len(keys), key)
 
@@ -143,7 +149,7 @@ def code_matrix(piece, rule, dtype, device):
     dec, t, dense = spectrum.decide_rank(md, rule)
     rec.n, rec.precision = min(d, k), dec.precision
     rec.sum_s, rec.sum_s2 = float(np.sum(dec.s)), float(np.sum(dec.s * dec.s))
-    rec.norm2 = float(m.double().pow(2).sum())
+    rec.norm2 = dec.fro2
     if dense:
         rec.kind, rec.rank = "dense", t
         stored = piece.data.to(dtype)

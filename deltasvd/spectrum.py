@@ -25,15 +25,13 @@ GRAM_SAFETY = 8.0
 
 @dataclass
 class Decomposition:
-    """Singular values (float64, descending), their error bounds, and what gives the vectors."""
+    """Singular values (float64, descending), their error bounds, and the leading vectors."""
     s: np.ndarray
     err: np.ndarray
-    exact: bool            # float64 SVD: s is the reference itself
-    precision: str         # "gram32", "gram64" or "svd64"
+    precision: str         # what gave s: "gram32", "gram64" or "svd64"
     tall: bool             # d >= k: the basis spans the input side (V), else the output side (U)
-    basis: torch.Tensor = None   # Gram eigenvectors, descending order (float32)
-    u: torch.Tensor = None       # float64 SVD factors when exact
-    vh: torch.Tensor = None
+    fro2: float = 0.0      # ||M||_F^2 (trace of the Gram matrix)
+    basis: torch.Tensor = None   # float32 Gram eigenvectors, descending order
 
 
 def as_matrix(delta):
@@ -41,12 +39,20 @@ def as_matrix(delta):
     return delta.reshape(delta.shape[0], -1)
 
 
+def gram(m, dtype):
+    """G = M^T M or M M^T, whichever is smaller, in `dtype`, on m's device."""
+    tall = m.shape[0] >= m.shape[1]
+    if m.device.type == "cpu":
+        a = m.numpy().astype(np.float64 if dtype == torch.float64 else np.float32, copy=False)
+        return torch.from_numpy(a.T @ a if tall else a @ a.T)   # numpy: BLAS syrk
+    a = m.to(dtype)
+    return a.T @ a if tall else a @ a.T
+
+
 def gram_spectrum(m, vectors=True, dtype=torch.float32):
     """Spectrum through the Gram matrix of the smaller side, with per-value error bounds."""
     d, k = m.shape
-    tall = d >= k
-    m = m.to(dtype)
-    g = m.T @ m if tall else m @ m.T
+    g = gram(m, dtype)
     if vectors:
         lam, q = torch.linalg.eigh(g)
         q = q.flip(1)
@@ -55,60 +61,51 @@ def gram_spectrum(m, vectors=True, dtype=torch.float32):
     lam = lam.flip(0).double().cpu().numpy()
     n = lam.size
     eps = float(torch.finfo(dtype).eps)
-    fro2 = max(float(np.sum(lam)), 0.0)
+    fro2 = max(float(torch.diagonal(g).double().sum()), 0.0)
     lam_max = max(float(lam[0]), 0.0) if n else 0.0
     # Absolute eigenvalue error of Gram + eigh: an empirical model (see GRAM_SAFETY).
     dl = GRAM_SAFETY * eps * min(fro2, lam_max * math.sqrt(n))
     s = np.sqrt(np.clip(lam, 0.0, None))
     # |sqrt(a) - sqrt(b)| <= min(sqrt(|a - b|), |a - b| / sqrt(a)).
     err = np.minimum(math.sqrt(dl), dl / np.maximum(s, 1e-300))
-    return Decomposition(s=s, err=err, exact=False, tall=tall, basis=q,
+    return Decomposition(s=s, err=err, tall=d >= k, fro2=fro2, basis=q,
                          precision="gram32" if dtype == torch.float32 else "gram64")
 
 
-def svd64_spectrum(m, vectors=True):
-    """The float64 reference: exact up to float64 rounding."""
-    m64 = m.double()
-    if vectors:
-        u, s, vh = torch.linalg.svd(m64, full_matrices=False)
-    else:
-        u, s, vh = None, torch.linalg.svdvals(m64), None
-    s = s.cpu().numpy()
-    return Decomposition(s=s, err=np.zeros_like(s), exact=True, tall=m.shape[0] >= m.shape[1],
-                         u=u, vh=vh, precision="svd64")
+def svd64_values(m):
+    """The float64 reference values: exact up to float64 rounding."""
+    s = torch.linalg.svdvals(m.double()).cpu().numpy()
+    return s, np.zeros_like(s)
 
 
 def factors(dec, m, t):
     """A (d x t) = U_t S_t and B (t x k) = V_t^T, float32, ordered by singular value."""
-    if dec.exact:
-        a = dec.u[:, :t] * dec.vh.new_tensor(dec.s[:t])
-        return a.float().contiguous(), dec.vh[:t].float().contiguous()
     q = dec.basis[:, :t]
-    m = m.to(q.dtype)
     if dec.tall:                       # q = V_t: A = M V_t = U_t S_t
-        return (m @ q).float().contiguous(), q.T.float().contiguous()
+        return (m @ q).contiguous(), q.T.contiguous()
     # q = U_t: B = U_t^T M = S_t V_t^T; normalise its rows to unit length (V_t^T) and move the
     # norms (the singular values, measured on M itself) into A.
     p = q.T @ m
     norms = p.norm(dim=1).clamp_min(torch.finfo(p.dtype).tiny)
-    return (q * norms).float().contiguous(), (p / norms[:, None]).float().contiguous()
+    return (q * norms).contiguous(), (p / norms[:, None]).contiguous()
 
 
-def _undecided(dec, rule, d, k):
-    lo, hi = (rule.clamp(t, min(d, k)) for t in rule.raw_range(dec.s, dec.err))
+def _undecided(s, err, rule, d, k):
+    lo, hi = (rule.clamp(t, min(d, k)) for t in rule.raw_range(s, err))
     return lo != hi and not (is_dense(lo, d, k) and is_dense(hi, d, k))
 
 
 def decide_rank(m, rule, vectors=True):
-    """Decompose `m` and pick its rank under `rule`, climbing in precision while undecided.
-
-    Returns (decomposition, rank, dense)."""
+    """Decompose `m` and pick its rank under `rule`, the values climbing in precision while
+    the rank is undecided. Returns (decomposition, rank, dense)."""
     d, k = m.shape
     dec = gram_spectrum(m, vectors, torch.float32)
-    if _undecided(dec, rule, d, k):
-        dec = gram_spectrum(m, vectors, torch.float64)
-        if _undecided(dec, rule, d, k):
-            dec = svd64_spectrum(m, vectors)
+    if _undecided(dec.s, dec.err, rule, d, k):
+        finer = gram_spectrum(m, False, torch.float64)
+        dec.s, dec.err, dec.precision = finer.s, finer.err, finer.precision
+        if _undecided(dec.s, dec.err, rule, d, k):
+            dec.s, dec.err = svd64_values(m)
+            dec.precision = "svd64"
     t = rule.clamp(rule.raw_rank(dec.s), min(d, k))
     return dec, t, is_dense(t, d, k)
 
