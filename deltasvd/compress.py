@@ -75,7 +75,7 @@ def plan_keys(base, tuned, counts):
 def _check_finite(delta, b, t, base, tuned, key):
     """NaN or Inf on either side makes the delta non-finite: one cheap reduction on the
     delta, and only on failure a look at which file holds it."""
-    if bool(torch.isfinite(delta.sum(dtype=torch.float64))):
+    if bool(torch.isfinite(delta.sum())):
         return
     if torch.isfinite(delta).all():
         return  # finite values whose sum overflowed
