@@ -205,6 +205,10 @@ class Compressor:
         self.dtype_name = dtype
         self.device = torch.device(device)
         self.progress = progress
+        if self.device.type == "cuda":
+            # TF32 would round the Gram products to 10 mantissa bits: keep CPU-equal numbers.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
 
     def run(self, base_path, tuned_path, allow_pickle=False):
         base, tuned = open_pair(base_path, tuned_path, allow_pickle)

@@ -372,3 +372,20 @@ def test_bad_rule_value_exits_2(tiny_pair, tmp_path):
     assert run("compress", base, tuned, "-o", tmp_path / "o.safetensors", "--energy",
                "1.5") == 2
     assert files_in(tmp_path) == ["base.safetensors", "tuned.safetensors"]
+
+
+def test_unet_only_file_pairs_with_a_full_checkpoint(tiny_pair, tmp_path, capsys):
+    """A UNet-only fine-tune (bare LDM keys, as ComfyUI's UNET loader reads) against a full
+    base: the text encoder counts as unchanged."""
+    base, _ = tiny_pair
+    tuned = fine_tune(tiny_state())
+    unet = {k[len("model.diffusion_model."):]: v for k, v in tuned.items()
+            if k.startswith("model.diffusion_model.")}
+    out = tmp_path / "d.safetensors"
+    assert run("compress", base, save(tmp_path / "unet.safetensors", unet), "-o", out,
+               "--energy", "0.5") == 0
+    assert "only in the base" in capsys.readouterr().out
+    keys = {r.key for r in read_delta(out).records}
+    assert keys and all(k.startswith("model.diffusion_model.") for k in keys)
+    assert run("inspect", out) == 0
+    assert "compression ratio" in capsys.readouterr().out
