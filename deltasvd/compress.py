@@ -19,7 +19,7 @@ from . import lora_names, spectrum
 from .checkpoint import is_ignored, open_pair
 from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, tensor_names
 from .errors import DeltaError
-from .ranks import RankRule, allocate_budget, is_dense
+from .ranks import RankRule, allocate_budget
 from .safetensors_io import tensor_data_sha256
 
 OVERSHOOT = 1.05  # size mode: code 5% over the estimated budget, then trim exactly

@@ -4,7 +4,6 @@ import os
 import tempfile
 import time
 
-import torch
 
 from .api import compress_files
 from .apply import apply_file

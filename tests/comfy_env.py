@@ -62,3 +62,21 @@ def server_env(base=None):
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join(_paths() + ([old] if old else []))
     return env
+
+
+def gen_arch_spec_module():
+    """tools/gen_arch_spec.py as a module; skips (or fails on CI) when ComfyUI is missing."""
+    import importlib.util
+
+    import pytest
+    try:
+        comfy_dir()
+    except RuntimeError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+    path = Path(__file__).resolve().parent.parent / "tools" / "gen_arch_spec.py"
+    spec = importlib.util.spec_from_file_location("gen_arch_spec", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,10 +1,8 @@
 """deltasvd.fixtures and the architecture specs it reads (deltasvd/specs/*.json.gz)."""
 
 import gzip
-import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -18,19 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _gen_arch_spec():
-    """tools/gen_arch_spec.py as a module; skips (or fails on CI) when ComfyUI is missing."""
     import comfy_env
-    try:
-        comfy_env.comfy_dir()
-    except RuntimeError as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(e))
-    spec = importlib.util.spec_from_file_location("gen_arch_spec",
-                                                  REPO / "tools" / "gen_arch_spec.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return comfy_env.gen_arch_spec_module()
 
 
 @pytest.mark.parametrize("family", fixtures.FAMILIES)

@@ -15,7 +15,6 @@ The pairs are the "small" fixtures (exact key names and shapes of a subset of th
 each pair and delta is made once per module.
 """
 
-import importlib.util
 import logging
 import os
 import time
@@ -165,19 +164,8 @@ def expected_deltas(made_):
 
 
 def _gen_arch_spec():
-    """tools/gen_arch_spec.py as a module; skips (or fails on CI) when ComfyUI is missing."""
     import comfy_env
-    try:
-        comfy_env.comfy_dir()
-    except RuntimeError as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(e))
-    spec = importlib.util.spec_from_file_location("gen_arch_spec",
-                                                  REPO / "tools" / "gen_arch_spec.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return comfy_env.gen_arch_spec_module()
 
 
 class _Capture(logging.Handler):
