@@ -32,19 +32,45 @@ def _threshold_rank(values, target):
     return _first_reaching(np.cumsum(values) / total, target)
 
 
-def _threshold_range(values, err, target):
-    """(lowest, highest) rank the rule can pick for values known to +-err."""
+def _threshold_range(values, err, target, tail_lo=None, tail_hi=None):
+    """(lowest, highest) rank the rule can pick for values known to +-err.
+
+    `tail_lo` / `tail_hi` (optional, per cut t: bounds on sum(values[t:])) tighten the
+    per-value bounds on the tail, where most of the uncertainty sits."""
     if values.size == 0 or target >= 1.0:
         t = _threshold_rank(values, target)
         return t, t
-    c = np.cumsum(values)
-    e = np.cumsum(err)
-    rest = c[-1] - c
-    rest_err = e[-1] - e
-    upper = (c + e) / np.maximum(c + e + np.maximum(rest - rest_err, 0.0), 1e-300)
-    low_num = np.maximum(c - e, 0.0)
-    lower = low_num / np.maximum(low_num + rest + rest_err, 1e-300)
+    head_hi = np.cumsum(values + err)                         # head_hi[t-1]: sum(values[:t])
+    head_lo = np.cumsum(np.maximum(values - err, 0.0))
+    rest_hi = np.concatenate([np.cumsum((values + err)[::-1])[::-1][1:], [0.0]])
+    rest_lo = np.concatenate([np.cumsum(np.maximum(values - err, 0.0)[::-1])[::-1][1:], [0.0]])
+    if tail_hi is not None:
+        rest_hi = np.minimum(rest_hi, tail_hi[1:])
+        rest_lo = np.maximum(rest_lo, tail_lo[1:])
+    upper = head_hi / np.maximum(head_hi + rest_lo, 1e-300)
+    lower = head_lo / np.maximum(head_lo + rest_hi, 1e-300)
     return _first_reaching(upper, target), _first_reaching(lower, target)
+
+
+def tail_bounds(lam, dl, fro2):
+    """Bounds on sum(s[t:]) and sum(s[t:]^2) for every cut t (arrays of length n + 1), from
+    the eigenvalues `lam` of the Gram matrix (each within +-dl) and the exact ||M||_F^2.
+
+    The tail energy is fro2 minus the head's, and the head's sum is off by at most t*dl (Ky Fan),
+    far less than the (n - t)*dl the per-value bounds add up to on a long tail. From the tail
+    energy E and its largest value L: sum(sqrt) <= sqrt((n - t) E) (Cauchy-Schwarz) and
+    sum(sqrt) >= E / sqrt(L); both are tight for the flat, noise-like tails that leave the
+    per-value bounds undecided."""
+    n = lam.size
+    t = np.arange(n + 1)
+    head = np.concatenate([[0.0], np.cumsum(lam)])
+    e_hi = np.maximum(fro2 - head + t * dl, 0.0)
+    e_lo = np.maximum(fro2 - head - t * dl, 0.0)
+    top = np.concatenate([np.maximum(lam, 0.0) + dl, [dl]])   # largest tail eigenvalue, upper
+    s_hi = np.sqrt((n - t) * e_hi)
+    s_lo = e_lo / np.sqrt(np.maximum(top, 1e-300))
+    s_lo[-1] = s_hi[-1] = 0.0
+    return (s_lo, s_hi), (e_lo, e_hi)
 
 
 @dataclass
@@ -83,12 +109,14 @@ class RankRule:
             return min(int(self.value), s.size)
         raise ValueError("size_mb ranks come from allocate_budget")
 
-    def raw_range(self, s, err):
+    def raw_range(self, s, err, tails=None):
+        """Ranks the rule can pick; `tails` = tail_bounds(...) tightens the tail sums."""
         if self.mode == "energy":
-            return _threshold_range(s, err, self.value)
+            return _threshold_range(s, err, self.value, *(tails[0] if tails else (None, None)))
         if self.mode == "fro":
             # |s^2 - s'^2| <= err * (2 s + err)
-            return _threshold_range(s * s, err * (2.0 * s + err), self.value)
+            return _threshold_range(s * s, err * (2.0 * s + err), self.value,
+                                    *(tails[1] if tails else (None, None)))
         t = self.raw_rank(s)
         return t, t
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .ranks import is_dense
+from .ranks import is_dense, tail_bounds
 
 # Safety factor on the float32 error model below. Measured on random layers of SD shapes
 # (320..2560 x 320..11520, flat to steep spectra), the worst eigenvalue error was 2.5 eps*||M||_F^2
@@ -30,8 +30,10 @@ class Decomposition:
     err: np.ndarray
     precision: str         # what gave s: "gram32", "gram64" or "svd64"
     tall: bool             # d >= k: the basis spans the input side (V), else the output side (U)
-    fro2: float = 0.0      # ||M||_F^2 (trace of the Gram matrix)
+    fro2: float = 0.0      # ||M||_F^2, accumulated in float64
     basis: torch.Tensor = None   # float32 Gram eigenvectors, descending order
+    lam: np.ndarray = None       # the Gram eigenvalues behind s, and their error bound
+    dl: float = 0.0
 
 
 def as_matrix(delta):
@@ -40,19 +42,22 @@ def as_matrix(delta):
 
 
 def gram(m, dtype):
-    """G = M^T M or M M^T, whichever is smaller, in `dtype`, on m's device."""
+    """(G, ||M||_F^2): G = M^T M or M M^T, whichever is smaller, in `dtype`, on m's device;
+    the squared norm accumulated in float64."""
     tall = m.shape[0] >= m.shape[1]
     if m.device.type == "cpu":
         a = m.numpy().astype(np.float64 if dtype == torch.float64 else np.float32, copy=False)
-        return torch.from_numpy(a.T @ a if tall else a @ a.T)   # numpy: BLAS syrk
+        fro2 = float(np.einsum("ij,ij->", a, a, dtype=np.float64))
+        return torch.from_numpy(a.T @ a if tall else a @ a.T), fro2   # numpy: BLAS syrk
     a = m.to(dtype)
-    return a.T @ a if tall else a @ a.T
+    fro2 = float(torch.linalg.vector_norm(a, dtype=torch.float64) ** 2)
+    return (a.T @ a if tall else a @ a.T), fro2
 
 
 def gram_spectrum(m, vectors=True, dtype=torch.float32):
     """Spectrum through the Gram matrix of the smaller side, with per-value error bounds."""
     d, k = m.shape
-    g = gram(m, dtype)
+    g, fro2 = gram(m, dtype)
     if vectors:
         lam, q = torch.linalg.eigh(g)
         q = q.flip(1)
@@ -61,14 +66,13 @@ def gram_spectrum(m, vectors=True, dtype=torch.float32):
     lam = lam.flip(0).double().cpu().numpy()
     n = lam.size
     eps = float(torch.finfo(dtype).eps)
-    fro2 = max(float(torch.diagonal(g).double().sum()), 0.0)
     lam_max = max(float(lam[0]), 0.0) if n else 0.0
     # Absolute eigenvalue error of Gram + eigh: an empirical model (see GRAM_SAFETY).
     dl = GRAM_SAFETY * eps * min(fro2, lam_max * math.sqrt(n))
     s = np.sqrt(np.clip(lam, 0.0, None))
     # |sqrt(a) - sqrt(b)| <= min(sqrt(|a - b|), |a - b| / sqrt(a)).
     err = np.minimum(math.sqrt(dl), dl / np.maximum(s, 1e-300))
-    return Decomposition(s=s, err=err, tall=d >= k, fro2=fro2, basis=q,
+    return Decomposition(s=s, err=err, tall=d >= k, fro2=fro2, basis=q, lam=lam, dl=dl,
                          precision="gram32" if dtype == torch.float32 else "gram64")
 
 
@@ -90,8 +94,9 @@ def factors(dec, m, t):
     return (q * norms).contiguous(), (p / norms[:, None]).contiguous()
 
 
-def _undecided(s, err, rule, d, k):
-    lo, hi = (rule.clamp(t, min(d, k)) for t in rule.raw_range(s, err))
+def _undecided(dec, rule, d, k):
+    tails = tail_bounds(dec.lam, dec.dl, dec.fro2) if dec.lam is not None else None
+    lo, hi = (rule.clamp(t, min(d, k)) for t in rule.raw_range(dec.s, dec.err, tails))
     return lo != hi and not (is_dense(lo, d, k) and is_dense(hi, d, k))
 
 
@@ -100,12 +105,13 @@ def decide_rank(m, rule, vectors=True):
     the rank is undecided. Returns (decomposition, rank, dense)."""
     d, k = m.shape
     dec = gram_spectrum(m, vectors, torch.float32)
-    if _undecided(dec.s, dec.err, rule, d, k):
+    if _undecided(dec, rule, d, k):
         finer = gram_spectrum(m, False, torch.float64)
-        dec.s, dec.err, dec.precision = finer.s, finer.err, finer.precision
-        if _undecided(dec.s, dec.err, rule, d, k):
+        dec.s, dec.err, dec.lam, dec.dl = finer.s, finer.err, finer.lam, finer.dl
+        dec.precision = finer.precision
+        if _undecided(dec, rule, d, k):
             dec.s, dec.err = svd64_values(m)
-            dec.precision = "svd64"
+            dec.lam, dec.precision = None, "svd64"
     t = rule.clamp(rule.raw_rank(dec.s), min(d, k))
     return dec, t, is_dense(t, d, k)
 
