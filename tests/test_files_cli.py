@@ -389,3 +389,28 @@ def test_unet_only_file_pairs_with_a_full_checkpoint(tiny_pair, tmp_path, capsys
     assert keys and all(k.startswith("model.diffusion_model.") for k in keys)
     assert run("inspect", out) == 0
     assert "compression ratio" in capsys.readouterr().out
+
+
+def test_ema_and_non_float_tensors_are_ignored_and_counted(tiny_pair, tmp_path, capsys):
+    base, _ = tiny_pair
+    tuned = fine_tune(tiny_state())
+    tuned["model_ema.diffusion_modelinput_blocks11proj_inweight"] = torch.randn(320, 320, 1, 1)
+    tuned["model_ema.num_updates"] = torch.tensor(7, dtype=torch.int32)
+    tuned["cond_stage_model.transformer.text_model.embeddings.position_ids"] = \
+        torch.arange(77).reshape(1, 77)
+    out = tmp_path / "d.safetensors"
+    assert run("compress", base, save(tmp_path / "t.safetensors", tuned), "-o", out,
+               "--energy", "0.5") == 0
+    assert "2 EMA and 1 non-float ignored" in capsys.readouterr().out
+    assert not any("ema" in r.key for r in read_delta(out).records)
+
+
+@pytest.mark.parametrize("ctx,label,family", [(768, False, "sd1"), (1024, False, "sd2"),
+                                              (2048, True, "sdxl")])
+def test_family_detection(tmp_path, ctx, label, family):
+    from deltasvd.checkpoint import Checkpoint
+    state = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight":
+             torch.randn(8, ctx)}
+    if label:
+        state["model.diffusion_model.label_emb.0.0.weight"] = torch.randn(8, 4)
+    assert Checkpoint(save(tmp_path / "m.safetensors", state)).family == family
