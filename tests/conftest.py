@@ -62,3 +62,27 @@ def tiny_pair(tmp_path):
     base = tiny_state()
     return save(tmp_path / "base.safetensors", base), \
         save(tmp_path / "tuned.safetensors", fine_tune(base))
+
+
+@pytest.fixture(scope="session")
+def sd15_full_pair(tmp_path_factory):
+    """A full SD1.5-format fp16 pair ComfyUI loads as checkpoints (tests/comfy_pair.py), made
+    once per session and deleted at its end (4 GB: pytest would otherwise keep it around)."""
+    from comfy_pair import make_sparse_pair
+    keep = os.environ.get("DELTASVD_KEEP_PAIR_DIR")  # development: reuse a pair across runs
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        done = os.path.join(keep, "pair.json")
+        if not os.path.exists(done):
+            with open(done + ".tmp", "w") as f:
+                f.write(" ".join(make_sparse_pair(keep)))
+            os.replace(done + ".tmp", done)
+        with open(done) as f:
+            yield tuple(f.read().split(" "))
+        return
+    folder = tmp_path_factory.mktemp("sd15_full_pair")
+    base, tuned = make_sparse_pair(folder)
+    yield base, tuned
+    for path in (base, tuned):
+        if os.path.exists(path):
+            os.remove(path)
