@@ -8,6 +8,7 @@ import comfy.model_management as mm
 import folder_paths
 
 from ..deltasvd.api import compress_to_delta
+from ..deltasvd.errors import DeltaError
 from ..deltasvd.sources import compress_sources
 from ..deltasvd.summary import compress_summary
 from . import comfy_models, provenance
@@ -93,6 +94,9 @@ class DeltaSVDCompress:
                                                      _rounding_ratio(delta, tuned, loaded))
         finally:
             comfy_models.cleanup()
+        if not counts.changed:
+            raise DeltaError("model_tuned and model_base hold the same weights: there is no "
+                             "delta to compress (is model_tuned the fine-tune?)")
         size = delta_bytes(delta)
         text = compress_summary(delta, counts, size, tuned_bytes)
         text += "\ninputs: the weights ComfyUI holds (UNet" + (" and text encoder" if clip_tuned

@@ -181,6 +181,8 @@ def test_compress_refuses_one_clip_and_bad_rule(host, pair, DeltaError):
         node.compress(pair.tuned_model, pair.base_model, "energy", 0.5, "fp16", pair.tuned_clip)
     with pytest.raises(DeltaError, match="value for mode energy must be in"):
         node.compress(pair.tuned_model, pair.base_model, "energy", 2.0, "fp16")
+    with pytest.raises(DeltaError, match="hold the same weights"):
+        node.compress(pair.base_model, pair.base_model.clone(), "energy", 0.5, "fp16")
 
 
 def test_cancel_stops_compress(host, pair):
