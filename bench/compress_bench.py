@@ -804,6 +804,8 @@ def main(argv=None):
     p.add_argument("--scaling", action="store_true",
                    help="only the scaling table (Gram route vs torch.linalg.svd per shape)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="scaling: torch threads (default torch's own, one per core)")
     p.add_argument("--max-shapes", type=int, default=None, help="scaling: first N shapes only")
     # worker mode (internal): one peer in this process
     p.add_argument("--worker", choices=("comfy", "lycoris"), help=argparse.SUPPRESS)
@@ -818,9 +820,15 @@ def main(argv=None):
         return 0
 
     if args.scaling:
-        print(f"scaling: {len(sd15_shapes())} distinct SD1.5 shapes", flush=True)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        load0 = os.getloadavg()[0]
+        print(f"scaling: {len(sd15_shapes())} distinct SD1.5 shapes, load average {load0:.2f}",
+              flush=True)
         rows = scaling_table(args.repeats, args.max_shapes)
-        text = format_scaling(rows, args.repeats)
+        text = format_scaling(rows, args.repeats) + (
+            f"\nLoad average (1 min) {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at "
+            f"the end, on {os.cpu_count()} cores.")
         out = Path(args.out or BENCH / "out")
         out.mkdir(parents=True, exist_ok=True)
         (out / "scaling.md").write_text(text + "\n")
@@ -834,7 +842,8 @@ def main(argv=None):
         p.error(f"unknown tools {sorted(bad)}")
     out_dir = Path(args.out or BENCH / "out" / f"{args.family}_{args.scale}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"load average {os.getloadavg()[0]:.2f}, MemAvailable "
+    load0 = os.getloadavg()[0]
+    print(f"load average {load0:.2f}, MemAvailable "
           f"{(mem_available_mb() or 0) / 1024:.1f} GB", flush=True)
     base, tuned = ensure_pair(args.data, args.family, args.scale)
     if args.eval_only:   # measure the files of the last run again (its times and RSS kept)
@@ -855,6 +864,9 @@ def main(argv=None):
     ours = next((r for r in runs if r.tool == "ours" and r.rc == 0), None)
     thr = threshold_check(ours.outputs[0]) if ours else None
     text = format_main(runs, ev, n_layers, args.family, args.scale, thr)
+    if not args.eval_only:
+        text += (f"\n\nLoad average (1 min) {load0:.2f} when the tools started, "
+                 f"{os.getloadavg()[0]:.2f} at the end, on {os.cpu_count()} cores.")
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "results.json").write_text(json.dumps(
         {"family": args.family, "scale": args.scale, "layers": n_layers,
