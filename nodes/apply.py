@@ -5,8 +5,8 @@ import logging
 from ..deltasvd.api import resize_delta
 from ..deltasvd.summary import inspect_text
 from . import comfy_models
-from .common import (CATEGORY, DELTA, delta_bytes, make_rule, mode_inputs, rule_problem, stats,
-                     ui)
+from .common import (CATEGORY, DELTA, delta_bytes, host_state, make_rule, mode_inputs,
+                     rule_problem, stats, ui)
 
 log = logging.getLogger("deltasvd")
 SHOW = 8   # names listed in a report before "and N more"
@@ -121,7 +121,8 @@ class DeltaSVDResize:
         return rule_problem(mode, value) or True
 
     def resize(self, delta, mode, value):
-        out = resize_delta(delta, make_rule(mode, value))
+        with host_state():
+            out = resize_delta(delta, make_rule(mode, value))
         out.info["file"] = "(in memory, resized; save it with Delta-SVD Save)"
         size = delta_bytes(out)
         text = inspect_text(out, size)

@@ -1,5 +1,9 @@
 """Shared glue: the DELTA type, rank-rule inputs, progress with Cancel, what the nodes show."""
 
+from contextlib import contextmanager
+
+import torch
+
 import comfy.model_management as mm
 import comfy.utils
 
@@ -34,6 +38,18 @@ def mode_inputs(default_mode="energy", default_value=0.5):
     }
 
 
+CLI_WORDS = (("--size-mb", "value (size_mb)"), ("--energy", "value (energy)"),
+             ("--fro", "value (frobenius)"), ("--rank", "value (rank)"),
+             ("--min-rank", "min_rank"), ("--max-rank", "max_rank"))
+
+
+def node_words(message):
+    """The core's messages name CLI options; in a node they are the node's inputs."""
+    for cli, node in CLI_WORDS:
+        message = message.replace(cli, node)
+    return message
+
+
 def make_rule(mode, value):
     """The core's RankRule for a node's (mode, value); errors in the node's words."""
     if mode not in MODES:
@@ -41,11 +57,21 @@ def make_rule(mode, value):
     try:
         return RankRule(MODES[mode], float(value))
     except DeltaError as e:
-        msg = str(e)
-        for cli, node in (("--size-mb", "size_mb"), ("--energy", "energy"),
-                          ("--fro", "frobenius"), ("--rank", "rank")):
-            msg = msg.replace(cli, f"value for mode {node}")
-        raise DeltaError(msg) from None
+        raise DeltaError(node_words(str(e))) from None
+
+
+@contextmanager
+def host_state():
+    """Leave ComfyUI's process as it was: the core turns TF32 off for its CUDA math (exact
+    Gram products); sampling afterwards keeps ComfyUI's own settings. Core errors come out in
+    the node's words."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    except DeltaError as e:
+        raise DeltaError(node_words(str(e))) from None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def rule_problem(mode, value):

@@ -12,8 +12,8 @@ from ..deltasvd.errors import DeltaError
 from ..deltasvd.sources import compress_sources
 from ..deltasvd.summary import compress_summary
 from . import comfy_models, provenance
-from .common import (CATEGORY, DELTA, DTYPE_TOOLTIP, DTYPES, Progress, delta_bytes, make_rule,
-                     mode_inputs, rule_problem, stats, ui)
+from .common import (CATEGORY, DELTA, DTYPE_TOOLTIP, DTYPES, Progress, delta_bytes,
+                     host_state, make_rule, mode_inputs, rule_problem, stats, ui)
 
 log = logging.getLogger("deltasvd")
 
@@ -79,7 +79,7 @@ class DeltaSVDCompress:
         comfy_models.free_for_math(device, MATH_BYTES)
         files = {side: _file_of(prompt, unique_id, side) for side in ("tuned", "base")}
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), host_state():
                 base = comfy_models.model_source(model_base, clip_base, "model_base", device)
                 tuned = comfy_models.model_source(model_tuned, clip_tuned, "model_tuned", device)
                 loaded = {"tuned": provenance.st_name(comfy_models.loaded_dtype(tuned)),
@@ -175,7 +175,7 @@ class DeltaSVDCompressFiles:
         device = mm.get_torch_device()
         comfy_models.free_for_math(device, MATH_BYTES)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), host_state():
                 delta, counts, tuned_bytes = compress_to_delta(
                     base, tuned, rule, dtype, device, progress, allow_pickle=True)
         finally:

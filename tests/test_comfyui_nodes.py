@@ -143,7 +143,8 @@ def test_pack_defines_every_node_with_tooltips_and_docs(host):
 def test_validate_inputs_reject_bad_rules_and_filenames(host):
     compress = host.nodes.NODE_CLASS_MAPPINGS["DeltaSVDCompress"]
     assert compress.VALIDATE_INPUTS(mode="energy", value=0.5) is True
-    assert "value for mode energy" in compress.VALIDATE_INPUTS(mode="energy", value=1.5)
+    assert "value (energy) must be in (0, 1]" in compress.VALIDATE_INPUTS(mode="energy",
+                                                                         value=1.5)
     assert "whole number" in compress.VALIDATE_INPUTS(mode="rank", value=2.5)
     assert compress.VALIDATE_INPUTS(mode="rank", value=None) is True  # linked: checked later
     save = host.nodes.NODE_CLASS_MAPPINGS["DeltaSVDSave"]
@@ -179,10 +180,23 @@ def test_compress_refuses_one_clip_and_bad_rule(host, pair, DeltaError):
     node = host.node("DeltaSVDCompress")
     with pytest.raises(ValueError, match="both clip_tuned and clip_base"):
         node.compress(pair.tuned_model, pair.base_model, "energy", 0.5, "fp16", pair.tuned_clip)
-    with pytest.raises(DeltaError, match="value for mode energy must be in"):
+    with pytest.raises(DeltaError, match=r"value \(energy\) must be in"):
         node.compress(pair.tuned_model, pair.base_model, "energy", 2.0, "fp16")
+    with pytest.raises(DeltaError, match=r"value \(size_mb\) 0.001 is smaller than the fixed"):
+        node.compress(pair.tuned_model, pair.base_model, "size_mb", 0.001, "fp16")
     with pytest.raises(DeltaError, match="hold the same weights"):
         node.compress(pair.base_model, pair.base_model.clone(), "energy", 0.5, "fp16")
+
+
+def test_host_state_restores_torch_flags(host, DeltaError):
+    common = host.pack.nodes.common
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with pytest.raises(DeltaError, match="value \\(size_mb\\) 1 is"):
+        with common.host_state():
+            torch.backends.cuda.matmul.allow_tf32 = not flags[0]
+            torch.backends.cudnn.allow_tf32 = not flags[1]
+            raise DeltaError("--size-mb 1 is too small")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
 
 
 def test_cancel_stops_compress(host, pair):
