@@ -27,9 +27,14 @@ def compress_to_delta(base, tuned, rule, dtype="fp16", device="cpu", progress=No
     delta, counts, tuned_bytes = Compressor(rule, dtype, device, progress).run(
         base, tuned, allow_pickle)
     delta.info["tuned_bytes"] = tuned_bytes
+    fit_size(delta, rule, name)
+    return delta, counts, tuned_bytes
+
+
+def fit_size(delta, rule, name):
+    """Size mode: trim the coded delta until its file, named `name`, fits the budget exactly."""
     if rule.mode == "size_mb":
         trim_to_size(delta, rule.value * 2**20, lambda d: file_size(d, host_meta_fn(d, name)))
-    return delta, counts, tuned_bytes
 
 
 def save_delta(delta, path, overwrite=False, inputs=()):

@@ -175,6 +175,12 @@ def open_pair(base_path, tuned_path, allow_pickle=False):
     """Open base and tuned, check they are one family with matching shapes."""
     base = Checkpoint(base_path, allow_pickle)
     tuned = Checkpoint(tuned_path, allow_pickle)
+    check_pair(base, tuned)
+    return base, tuned
+
+
+def check_pair(base, tuned):
+    """One family, and the same shape for every key both hold (EMA copies aside)."""
     if base.family != tuned.family:
         raise DeltaError(f"family mismatch: base is {FAMILIES[base.family]}, tuned is "
                          f"{FAMILIES[tuned.family]}", tuned.path)
@@ -182,4 +188,3 @@ def open_pair(base_path, tuned_path, allow_pickle=False):
         if key in base.key_map and not is_ignored(key) and base.shape(key) != tuned.shape(key):
             raise DeltaError(f"shape mismatch: base {list(base.shape(key))}, tuned "
                              f"{list(tuned.shape(key))}", tuned.path, key)
-    return base, tuned

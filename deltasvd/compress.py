@@ -10,6 +10,7 @@ import heapq
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -205,17 +206,23 @@ class Compressor:
         self.dtype_name = dtype
         self.device = torch.device(device)
         self.progress = progress
-        if self.device.type == "cuda":
-            # TF32 would round the Gram products to 10 mantissa bits: keep CPU-equal numbers.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
 
     def run(self, base_path, tuned_path, allow_pickle=False):
+        """Two checkpoint files -> (delta, counts, tuned file bytes), with fingerprints."""
         base, tuned = open_pair(base_path, tuned_path, allow_pickle)
-        counts = Counts()
         with ThreadPoolExecutor(max_workers=2) as hashers:
             hashes = [hashers.submit(_fingerprint, p) for p in (base.path, tuned.path)]
-            try:
+            delta, counts = self.run_readers(base, tuned, os.path.basename(base.path),
+                                             os.path.basename(tuned.path))
+            delta.info["base_sha256"], delta.info["tuned_sha256"] = (h.result() for h in hashes)
+        return delta, counts, os.path.getsize(tuned.path)
+
+    def run_readers(self, base, tuned, base_name="", tuned_name=""):
+        """The job on two open readers (checkpoint files or a host's models, already checked
+        as a pair); closes both. Returns (delta, counts); fingerprints are left empty."""
+        try:
+            with _exact_cuda_math(self.device):
+                counts = Counts()
                 keys = plan_keys(base, tuned, counts)
                 fixed_ranks = None
                 if not self.rule.per_layer:
@@ -224,20 +231,18 @@ class Compressor:
                 records, tensors, extras, spectra = self._code_all(base, tuned, keys, counts,
                                                                    fixed_ranks)
                 _complete_modules(records, tensors, _module_index(base), self.dtype)
-            finally:
-                base.close()
-                tuned.close()
-            base_hash, tuned_hash = (h.result() for h in hashes)
+        finally:
+            base.close()
+            tuned.close()
         delta = Delta(family=base.family, records=records, tensors=tensors, extras=extras,
                       spectra=spectra)
         delta.info.update({
             "codec": "svd", "mode": self.rule.mode, "value": _fmt(self.rule.value),
             "min_rank": self.rule.min_rank, "max_rank": self.rule.max_rank or "",
-            "dtype": self.dtype_name, "base_sha256": base_hash, "tuned_sha256": tuned_hash,
-            "base_name": os.path.basename(base.path), "tuned_name": os.path.basename(tuned.path),
+            "dtype": self.dtype_name, "base_sha256": "", "tuned_sha256": "",
+            "base_name": base_name, "tuned_name": tuned_name,
         })
-        tuned_bytes = os.path.getsize(tuned.path)
-        return delta, counts, tuned_bytes
+        return delta, counts
 
     def _allocate(self, base, tuned, keys):
         counts = Counts()
@@ -280,6 +285,21 @@ class Compressor:
         if fixed_ranks is not None and fixed_ranks.get((key, j), 0) == 0:
             return None, None   # the budget gave this layer nothing
         return code_matrix(piece, rule, self.dtype, self.device)
+
+
+@contextmanager
+def _exact_cuda_math(device):
+    """TF32 would round the Gram products to 10 mantissa bits: off while we compute (so CUDA
+    numbers match the CPU's), then back to what the host had."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def _fmt(v):

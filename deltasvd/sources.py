@@ -10,11 +10,8 @@ open sources.
 Host-free: the host-side adapter (nodes/comfy_models.py) builds the getters.
 """
 
-from .checkpoint import FAMILIES, detect_family, is_ignored
-from .compress import (Compressor, Counts, _complete_modules, _fmt, _module_index, plan_keys,
-                       trim_to_size)
-from .delta_file import Delta, file_size
-from .errors import DeltaError
+from .checkpoint import check_pair, detect_family
+from .compress import Compressor
 
 
 class TensorSource:
@@ -66,57 +63,20 @@ class TensorSource:
             fn()
 
 
-def check_pair(base, tuned):
-    """What `checkpoint.open_pair` checks, for two open sources."""
-    if base.family != tuned.family:
-        raise DeltaError(f"family mismatch: base is {FAMILIES[base.family]}, tuned is "
-                         f"{FAMILIES[tuned.family]}", tuned.path)
-    for key in tuned.keys():
-        if key in base.key_map and not is_ignored(key) and base.shape(key) != tuned.shape(key):
-            raise DeltaError(f"shape mismatch: base {list(base.shape(key))}, tuned "
-                             f"{list(tuned.shape(key))}", tuned.path, key)
-
-
-class SourceCompressor(Compressor):
-    """`Compressor.run` for already-open sources: the same steps, without opening files or
-    fingerprinting them (a model in memory has no file hash; the fields stay empty, so
-    `deltasvd apply` does not check the base)."""
-
-    def run_sources(self, base, tuned, base_name="", tuned_name=""):
-        try:
-            check_pair(base, tuned)
-            counts = Counts()
-            keys = plan_keys(base, tuned, counts)
-            fixed_ranks = None
-            if not self.rule.per_layer:
-                fixed_ranks = self._allocate(base, tuned, keys)
-                counts = Counts()  # pass 2 counts again
-            records, tensors, extras, spectra = self._code_all(base, tuned, keys, counts,
-                                                               fixed_ranks)
-            _complete_modules(records, tensors, _module_index(base), self.dtype)
-        finally:
-            base.close()
-            tuned.close()
-        delta = Delta(family=base.family, records=records, tensors=tensors, extras=extras,
-                      spectra=spectra)
-        delta.info.update({
-            "codec": "svd", "mode": self.rule.mode, "value": _fmt(self.rule.value),
-            "min_rank": self.rule.min_rank, "max_rank": self.rule.max_rank or "",
-            "dtype": self.dtype_name, "base_sha256": "", "tuned_sha256": "",
-            "base_name": base_name, "tuned_name": tuned_name,
-        })
-        return delta, counts
-
-
 def compress_sources(base, tuned, rule, dtype="fp16", device="cpu", progress=None,
                      name="delta", base_name="", tuned_name=""):
     """Two open sources -> (delta, counts, tuned_bytes), like `api.compress_to_delta`
     (size mode fitted exactly). Closes both sources."""
-    from .api import host_meta_fn
+    from .api import fit_size
     tuned_bytes = tuned.total_bytes()
-    delta, counts = SourceCompressor(rule, dtype, device, progress).run_sources(
+    try:
+        check_pair(base, tuned)
+    except BaseException:
+        base.close()
+        tuned.close()
+        raise
+    delta, counts = Compressor(rule, dtype, device, progress).run_readers(
         base, tuned, base_name, tuned_name)
     delta.info["tuned_bytes"] = tuned_bytes
-    if rule.mode == "size_mb":
-        trim_to_size(delta, rule.value * 2**20, lambda d: file_size(d, host_meta_fn(d, name)))
+    fit_size(delta, rule, name)
     return delta, counts, tuned_bytes

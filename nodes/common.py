@@ -2,7 +2,6 @@
 
 from contextlib import contextmanager
 
-import torch
 
 import comfy.model_management as mm
 import comfy.utils
@@ -62,16 +61,12 @@ def make_rule(mode, value):
 
 @contextmanager
 def host_state():
-    """Leave ComfyUI's process as it was: the core turns TF32 off for its CUDA math (exact
-    Gram products); sampling afterwards keeps ComfyUI's own settings. Core errors come out in
-    the node's words."""
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    """Core errors come out in the node's words. (TF32: the core restores the host's flags
+    itself after its CUDA math.)"""
     try:
         yield
     except DeltaError as e:
         raise DeltaError(node_words(str(e))) from None
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def rule_problem(mode, value):

@@ -136,3 +136,16 @@ def test_budget_allocation_is_greedy_optimal():
                if 3 * a + 5 * b + 4 * c <= budget)
     # Greedy is optimal up to the last partial step: within one component of the best.
     assert kept(ranks) >= best[0] - max(float(s[0] ** 2) for s, _ in layers)
+
+
+def test_cuda_math_turns_tf32_off_and_restores_the_hosts_flags():
+    from deltasvd.compress import _exact_cuda_math
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with _exact_cuda_math(torch.device("cuda")):
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
