@@ -64,17 +64,22 @@ def server_env(base=None):
     return env
 
 
-def gen_arch_spec_module():
-    """tools/gen_arch_spec.py as a module; skips (or fails on CI) when ComfyUI is missing."""
-    import importlib.util
-
+def require_comfy():
+    """In a test: ComfyUI's dir; skips when it is missing, but fails on CI (CI installs it)."""
     import pytest
     try:
-        comfy_dir()
+        return comfy_dir()
     except RuntimeError as e:
         if os.environ.get("CI"):
             raise
         pytest.skip(str(e))
+
+
+def gen_arch_spec_module():
+    """tools/gen_arch_spec.py as a module; skips (or fails on CI) when ComfyUI is missing."""
+    import importlib.util
+
+    require_comfy()
     path = Path(__file__).resolve().parent.parent / "tools" / "gen_arch_spec.py"
     spec = importlib.util.spec_from_file_location("gen_arch_spec", path)
     module = importlib.util.module_from_spec(spec)

@@ -71,12 +71,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, sd15_full_pair):
-    try:
-        comfy_env.comfy_dir()
-    except RuntimeError as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(e))
+    comfy_env.require_comfy()
     e = Env()
     e.root = tmp_path_factory.mktemp("comfy_home")
     e.ckpts = e.root / "models" / "checkpoints"
