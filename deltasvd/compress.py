@@ -18,7 +18,7 @@ import torch
 
 from . import lora_names, spectrum
 from .checkpoint import is_ignored, open_pair
-from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, tensor_names
+from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, lora_parts, tensor_names
 from .errors import DeltaError
 from .ranks import RankRule, allocate_budget
 from .safetensors_io import tensor_data_sha256
@@ -160,17 +160,7 @@ def code_matrix(piece, rule, dtype, device):
     a, b = spectrum.factors(dec, md, t)
     a, b = a.to(dtype), b.to(dtype)
     rec.err2 = spectrum.residual_norm(md, a.float(), b.float()) ** 2
-    return _lora_parts(rec, a.cpu(), b.cpu()), dec.s
-
-
-def _lora_parts(rec, a, b):
-    """Shape factors the way both hosts expect: conv down t x in x kh x kw, up out x t x 1 x 1."""
-    t = a.shape[1]
-    if len(rec.shape) == 4:
-        a = a.reshape(a.shape[0], t, 1, 1)
-        b = b.reshape(t, *rec.shape[1:])
-    return {"up": a.contiguous(), "down": b.contiguous(),
-            "alpha": torch.tensor(float(t), dtype=torch.float32)}
+    return lora_parts(rec, a.cpu(), b.cpu()), dec.s
 
 
 def _pass1_spectra(base, tuned, keys, counts, device, progress):
@@ -386,7 +376,7 @@ def _add_fill(records, tensors, name, info, param, dtype):
                           rank=1)
         up = torch.zeros(shape[0], 1, dtype=dtype)
         down = torch.zeros(1, int(np.prod(shape[1:])), dtype=dtype)
-        for part, t in _lora_parts(rec, up, down).items():
+        for part, t in lora_parts(rec, up, down).items():
             tensors[tensor_names(rec)[part]] = t
     records.append(rec)
 

@@ -89,6 +89,16 @@ def tensor_names(rec):
     return {"diff": m + (".diff" if rec.param == "weight" else ".diff_b")}
 
 
+def lora_parts(rec, a, b):
+    """Shape factors the way both hosts expect: conv down t x in x kh x kw, up out x t x 1 x 1."""
+    t = a.shape[1]
+    if len(rec.shape) == 4:
+        a = a.reshape(a.shape[0], t, 1, 1)
+        b = b.reshape(t, *rec.shape[1:])
+    return {"up": a.contiguous(), "down": b.contiguous(),
+            "alpha": torch.tensor(float(t), dtype=torch.float32)}
+
+
 def reconstruct(rec, parts):
     """The float32 delta of one record, in the shape of what it patches."""
     if rec.kind == "svd":

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .delta_file import STORAGE_DTYPES, Delta, tensor_names
+from .delta_file import STORAGE_DTYPES, Delta, lora_parts, tensor_names
 from .errors import DeltaError
 from .ranks import allocate_budget, is_dense
 
@@ -95,9 +95,8 @@ def _dense_to_svd(delta, i, t):
     b = vh[:t].to(dense.dtype)
     rec.kind, rec.rank = "svd", t
     rec.err2 = float((m - a.double() @ b.double()).pow(2).sum())
-    from .compress import _lora_parts
     new_names = tensor_names(rec)
-    for part, tensor in _lora_parts(rec, a, b).items():
+    for part, tensor in lora_parts(rec, a, b).items():
         if part in new_names:
             src[new_names[part]] = tensor
 
