@@ -144,7 +144,8 @@ def run_child(cmd, log_path, limit_mb, timeout_s):
                 break
             rss = _rss_mb(proc.pid)
             if limit_mb and rss > limit_mb and not killed:
-                killed = f"killed: RSS {rss / 1024:.1f} GB passed the {limit_mb / 1024:.1f} GB limit"
+                killed = (f"killed: RSS {rss / 1024:.1f} GB passed the "
+                          f"{limit_mb / 1024:.1f} GB limit")
             elif timeout_s and time.perf_counter() - t0 > timeout_s and not killed:
                 killed = f"killed: ran past {timeout_s:.0f} s"
             if killed:
@@ -172,12 +173,11 @@ def tool_commands(tool, base, tuned, out_dir, family, scale):
     py = sys.executable
     me = str(Path(__file__).resolve())
     o = lambda name: str(out_dir / name)  # noqa: E731
-    if tool == "ours":
-        return [("", [py, "-m", "deltasvd", "compress", base, tuned, "-o", o("ours_e05.safetensors"),
-                      "--energy", str(ENERGY)], o("ours_e05.safetensors"))]
-    if tool == "ours-r64":
-        return [("", [py, "-m", "deltasvd", "compress", base, tuned, "-o", o("ours_r64.safetensors"),
-                      "--rank", str(PEER_RANK)], o("ours_r64.safetensors"))]
+    if tool in ("ours", "ours-r64"):
+        out, rule = (("ours_e05.safetensors", ["--energy", str(ENERGY)]) if tool == "ours" else
+                     ("ours_r64.safetensors", ["--rank", str(PEER_RANK)]))
+        return [("", [py, "-m", "deltasvd", "compress", base, tuned, "-o", o(out), *rule],
+                 o(out))]
     if tool == "baseline":
         return [("", [py, str(BENCH / "baseline_fullsvd.py"), base, tuned, "-o",
                       o("baseline_e05.safetensors"), "--energy", str(ENERGY)],
