@@ -232,7 +232,7 @@ def run_tool(tool, base, tuned, out_dir, family, scale, args):
         run.outputs.append(out)
     run.rc = 0
     if len(run.parts) > 1:
-        run.note = "; ".join(f"{p}: {w:.1f} s, {r / 1024:.2f} GB" for p, w, r in run.parts)
+        run.note = "; ".join(f"{p}: {w:.1f} s, {r:.0f} MB" for p, w, r in run.parts)
     return run
 
 
