@@ -44,7 +44,7 @@ class Counts:
     ignored_nonfloat: int = 0
     only_in_base: list = field(default_factory=list)
     only_in_tuned: list = field(default_factory=list)
-    precision: dict = field(default_factory=lambda: {"gram64": 0, "svd64": 0})
+    svd64: int = 0                # layers whose rank a float64 SVD had to settle
 
 
 def storage_dtype(name):
@@ -169,7 +169,8 @@ def _pass1_spectra(base, tuned, keys, counts, device, progress):
     for key, delta in read_deltas(base, tuned, keys, counts, progress):
         for j, piece in enumerate(split_pieces(key, delta, base, base.family)):
             if piece.rec.kind == "svd":
-                dec = spectrum.gram_spectrum(spectrum.as_matrix(piece.data).to(device), False)
+                dec = spectrum.gram_spectrum(spectrum.as_matrix(piece.data).to(device),
+                                                keep_gram=False)
                 spectra[(key, j)] = (dec.s, piece.rec.shape)
     return spectra
 
@@ -265,8 +266,7 @@ class Compressor:
                 _store(piece.rec, parts, tensors, extras)
                 if s is not None:
                     spectra[idx] = (s, s)
-                if piece.rec.precision in counts.precision:
-                    counts.precision[piece.rec.precision] += 1
+                counts.svd64 += piece.rec.precision == "svd64"
         return records, tensors, extras, spectra
 
     def _code_piece(self, piece, rule, fixed_ranks, key, j):

@@ -1,12 +1,20 @@
 """Singular values and truncated factors of one layer's delta (host-free math).
 
-The fast route is the Gram matrix: G = M^T M (or M M^T, on the smaller side), then `eigh`.
-That costs about d*k*min(d,k) flops against several times more for an SVD, but float32
-squares the condition number: an eigenvalue is only known to about eps32 * ||M||_F^2, so a
-singular value s_i to about min(sqrt(dl), dl / s_i). We carry that bound per value; when it
-leaves the rank rule undecided (the threshold falls inside the error band, typical of deltas
-with many near-zero singular values such as merged LoRAs), the layer is redone with a float64
-SVD, whose values are the reference the rules are defined on.
+The route is the Gram matrix of the smaller side, G = M^T M (or M M^T), accumulated in
+float64 from the float32 delta, then `eigvalsh`: d*k*min(d,k) multiply-adds against several
+times more for an SVD. float64 accumulation matters: in float32 an eigenvalue is only known to
+about eps32 * ||M||^2, which for the long, small tails of fine-tuning deltas leaves the
+sum-of-s rules undecided in most layers (measured on the SD1.5-shaped pair: float32 eigenvalue
+errors of 1-3 eps32 * ||M||_F^2 / n in the bulk, up to eps32 * lmax on steep spectra), and
+refusing to guess costs a second pass anyway. With float64 the per-value bound below is some
+1e-13 of the largest value, so the rank is that of the float64 singular values except at exact
+ties; when the bound still leaves it open (rank-deficient deltas such as merged LoRAs, where
+the exact zeros come back as noise), the values are recomputed by a float64 SVD.
+
+Vectors: only the leading t are needed (t is a few percent of min(d, k) at the paper's
+thresholds), so they come from a short block subspace iteration on G, stopped when the energy
+the subspace captures is within SUBSPACE_TOL of the exact sum of the top t eigenvalues; a
+full `eigh` is used when t is a large part of the spectrum.
 """
 
 import math
@@ -17,21 +25,26 @@ import torch
 
 from .ranks import is_dense, tail_bounds
 
-# Safety factor on the float32 error model below. Measured on random layers of SD shapes
-# (320..2560 x 320..11520, flat to steep spectra), the worst eigenvalue error was 2.5 eps*||M||_F^2
-# and 1.5 eps*lmax*sqrt(n): the model with this factor keeps 3x or more headroom (tests).
+# Safety factor on the eigenvalue error model eps * min(||M||_F^2, lmax * sqrt(n)); float32
+# Gram errors were measured at up to 2.5x that model, float64 ones behave alike.
 GRAM_SAFETY = 8.0
+# Rows of the long side turned into float64 at a time: bounds the float64 copy (16 MB at n=1280).
+GRAM_BLOCK = 1536
+# Energy the leading-vector subspace may miss, relative to the truncation error's energy: the
+# stored error is then within SUBSPACE_TOL / 2 of the exact one (the bench checks 1e-3).
+SUBSPACE_TOL = 1e-4
+SUBSPACE_MAX_ITERS = 30
 
 
 @dataclass
 class Decomposition:
-    """Singular values (float64, descending), their error bounds, and the leading vectors."""
+    """Singular values (float64, descending), their error bounds, and what gives the vectors."""
     s: np.ndarray
     err: np.ndarray
-    precision: str         # what gave s: "gram32", "gram64" or "svd64"
-    tall: bool             # d >= k: the basis spans the input side (V), else the output side (U)
-    fro2: float = 0.0      # ||M||_F^2, accumulated in float64
-    basis: torch.Tensor = None   # float32 Gram eigenvectors, descending order
+    precision: str         # what gave s: "gram64" or "svd64"
+    tall: bool             # d >= k: the Gram is M^T M (input side, V), else M M^T (U)
+    fro2: float = 0.0      # ||M||_F^2 (the Gram's trace, float64)
+    gram: torch.Tensor = None    # float64 Gram matrix, kept for the vectors
     lam: np.ndarray = None       # the Gram eigenvalues behind s, and their error bound
     dl: float = 0.0
 
@@ -41,39 +54,37 @@ def as_matrix(delta):
     return delta.reshape(delta.shape[0], -1)
 
 
-def gram(m, dtype):
-    """(G, ||M||_F^2): G = M^T M or M M^T, whichever is smaller, in `dtype`, on m's device;
-    the squared norm accumulated in float64."""
+def gram(m):
+    """G = M^T M or M M^T, whichever is smaller, accumulated in float64 on m's device."""
     tall = m.shape[0] >= m.shape[1]
-    if m.device.type == "cpu":
-        a = m.numpy().astype(np.float64 if dtype == torch.float64 else np.float32, copy=False)
-        fro2 = float(np.einsum("ij,ij->", a, a, dtype=np.float64))
-        return torch.from_numpy(a.T @ a if tall else a @ a.T), fro2   # numpy: BLAS syrk
-    a = m.to(dtype)
-    fro2 = float(torch.linalg.vector_norm(a, dtype=torch.float64) ** 2)
-    return (a.T @ a if tall else a @ a.T), fro2
+    if m.device.type != "cpu":
+        a = m.double()
+        return a.T @ a if tall else a @ a.T
+    a = m.numpy()
+    rows = a if tall else a.T             # the long side's slices, each n wide
+    n = rows.shape[1]
+    g = np.zeros((n, n), dtype=np.float64)
+    for r in range(0, rows.shape[0], GRAM_BLOCK):
+        blk = rows[r: r + GRAM_BLOCK].astype(np.float64)
+        g += blk.T @ blk                  # numpy: BLAS syrk
+    return torch.from_numpy(g)
 
 
-def gram_spectrum(m, vectors=True, dtype=torch.float32):
-    """Spectrum through the Gram matrix of the smaller side, with per-value error bounds."""
+def gram_spectrum(m, keep_gram=True):
+    """Values through the float64 Gram matrix of the smaller side, with per-value bounds."""
     d, k = m.shape
-    g, fro2 = gram(m, dtype)
-    if vectors:
-        lam, q = torch.linalg.eigh(g)
-        q = q.flip(1)
-    else:
-        lam, q = torch.linalg.eigvalsh(g), None
-    lam = lam.flip(0).double().cpu().numpy()
+    g = gram(m)
+    lam = torch.linalg.eigvalsh(g).flip(0).cpu().numpy()
     n = lam.size
-    eps = float(torch.finfo(dtype).eps)
+    fro2 = float(torch.diagonal(g).sum())
     lam_max = max(float(lam[0]), 0.0) if n else 0.0
     # Absolute eigenvalue error of Gram + eigh: an empirical model (see GRAM_SAFETY).
-    dl = GRAM_SAFETY * eps * min(fro2, lam_max * math.sqrt(n))
+    dl = GRAM_SAFETY * float(torch.finfo(torch.float64).eps) * min(fro2, lam_max * math.sqrt(n))
     s = np.sqrt(np.clip(lam, 0.0, None))
     # |sqrt(a) - sqrt(b)| <= min(sqrt(|a - b|), |a - b| / sqrt(a)).
     err = np.minimum(math.sqrt(dl), dl / np.maximum(s, 1e-300))
-    return Decomposition(s=s, err=err, tall=d >= k, fro2=fro2, basis=q, lam=lam, dl=dl,
-                         precision="gram32" if dtype == torch.float32 else "gram64")
+    return Decomposition(s=s, err=err, precision="gram64", tall=d >= k, fro2=fro2,
+                         gram=g if keep_gram else None, lam=lam, dl=dl)
 
 
 def svd64_values(m):
@@ -82,9 +93,32 @@ def svd64_values(m):
     return s, np.zeros_like(s)
 
 
+def leading_vectors(g, lam, t):
+    """The t leading eigenvectors of the PSD float64 matrix g (n x n), descending, given its
+    eigenvalues `lam` (descending). Block subspace iteration with Rayleigh-Ritz: each step is
+    one n x n x b product, and it stops once the captured energy is within SUBSPACE_TOL of the
+    optimum relative to the energy left out."""
+    n = g.shape[0]
+    width = min(n, t + max(8, t // 2))
+    left_out = max(float(np.sum(np.clip(lam[t:], 0.0, None))), float(lam[0]) * 1e-12, 1e-300)
+    if 4 * width < n:
+        best = float(np.sum(lam[:t]))
+        gen = torch.Generator(device="cpu").manual_seed(0)   # reproducible files
+        x = torch.randn(n, width, dtype=g.dtype, generator=gen).to(g.device)
+        for _ in range(SUBSPACE_MAX_ITERS):
+            x, _ = torch.linalg.qr(g @ x)
+            theta, w = torch.linalg.eigh(x.T @ g @ x)
+            if best - float(theta[-t:].sum()) <= SUBSPACE_TOL * left_out:
+                return x @ w[:, -t:].flip(1)
+    _, q = torch.linalg.eigh(g)            # wide subspaces or slow convergence: all of them
+    return q[:, -t:].flip(1) if t else q[:, :0]
+
+
 def factors(dec, m, t):
     """A (d x t) = U_t S_t and B (t x k) = V_t^T, float32, ordered by singular value."""
-    q = dec.basis[:, :t]
+    g = dec.gram if dec.gram is not None else gram(m)
+    lam = dec.lam if dec.lam is not None else np.asarray(dec.s, dtype=np.float64) ** 2
+    q = leading_vectors(g, lam, t).to(m.dtype)
     if dec.tall:                       # q = V_t: A = M V_t = U_t S_t
         return (m @ q).contiguous(), q.T.contiguous()
     # q = U_t: B = U_t^T M = S_t V_t^T; normalise its rows to unit length (V_t^T) and move the
@@ -100,18 +134,14 @@ def _undecided(dec, rule, d, k):
     return lo != hi and not (is_dense(lo, d, k) and is_dense(hi, d, k))
 
 
-def decide_rank(m, rule, vectors=True):
-    """Decompose `m` and pick its rank under `rule`, the values climbing in precision while
-    the rank is undecided. Returns (decomposition, rank, dense)."""
+def decide_rank(m, rule):
+    """Decompose `m` and pick its rank under `rule`; a float64 SVD settles the values when the
+    Gram route leaves the rank open. Returns (decomposition, rank, dense)."""
     d, k = m.shape
-    dec = gram_spectrum(m, vectors, torch.float32)
+    dec = gram_spectrum(m)
     if _undecided(dec, rule, d, k):
-        finer = gram_spectrum(m, False, torch.float64)
-        dec.s, dec.err, dec.lam, dec.dl = finer.s, finer.err, finer.lam, finer.dl
-        dec.precision = finer.precision
-        if _undecided(dec, rule, d, k):
-            dec.s, dec.err = svd64_values(m)
-            dec.lam, dec.precision = None, "svd64"
+        dec.s, dec.err = svd64_values(m)
+        dec.lam, dec.precision = None, "svd64"
     t = rule.clamp(rule.raw_rank(dec.s), min(d, k))
     return dec, t, is_dense(t, d, k)
 

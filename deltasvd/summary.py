@@ -27,10 +27,9 @@ def compress_summary(delta, counts, file_bytes, tuned_bytes):
     if counts.only_in_base:
         lines.append(f"{len(counts.only_in_base)} tensors only in the base (e.g. "
                      f"{counts.only_in_base[0]}): treated as unchanged")
-    p = counts.precision
-    if p["gram64"] or p["svd64"]:
-        lines.append(f"precision: {p['gram64']} layers needed a float64 Gram and {p['svd64']} a "
-                     "float64 SVD to decide their rank exactly (float32 left it undecided)")
+    if counts.svd64:
+        lines.append(f"precision: {counts.svd64} layers needed a float64 SVD to decide their "
+                     "rank exactly (the float64 Gram left it open)")
     extras = [r for r in delta.records if r.extra]
     if extras:
         lines.append(f"{len(extras)} changed tensors have no LoRA name both hosts load (e.g. "
