@@ -9,6 +9,7 @@ spectrum before any rank is known: pass 1 collects spectra, pass 2 codes with th
 import heapq
 import math
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,13 +18,15 @@ import numpy as np
 import torch
 
 from . import lora_names, spectrum
+from .blas_threads import blas_threads
 from .checkpoint import is_ignored, open_pair
 from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, lora_parts, tensor_names
 from .errors import DeltaError
 from .ranks import RankRule, allocate_budget
-from .safetensors_io import tensor_data_sha256
+from .safetensors_io import file_sha256, tensor_data_sha256
 
 OVERSHOOT = 1.05  # size mode: code 5% over the estimated budget, then trim exactly
+MAX_WORKERS = 4   # layers coded at once on the CPU (memory: one delta each)
 _MANTISSA = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
 
@@ -252,13 +255,12 @@ class Compressor:
         return lambda done, total, key: self.progress(stage, done, total, key)
 
     def _code_all(self, base, tuned, keys, counts, fixed_ranks):
+        """Code every changed key, `workers` keys at a time; results are kept in key order
+        so the file does not depend on which worker finished first."""
         records, tensors, extras, spectra = [], {}, {}, {}
-        for key, delta in read_deltas(base, tuned, keys, counts, self._progress("compress")):
-            for j, piece in enumerate(split_pieces(key, delta, base, base.family)):
-                rule = self.rule
-                if fixed_ranks is not None and (key, j) in fixed_ranks:
-                    rule = RankRule("rank", max(fixed_ranks[(key, j)], 1), min_rank=0)
-                parts, s = self._code_piece(piece, rule, fixed_ranks, key, j)
+
+        def collect(job):
+            for piece, (parts, s) in job.result():
                 if parts is None:
                     continue
                 idx = len(records)
@@ -267,7 +269,38 @@ class Compressor:
                 if s is not None:
                     spectra[idx] = (s, s)
                 counts.svd64 += piece.rec.precision == "svd64"
+
+        workers, threads = self._parallelism()
+        with blas_threads(threads), ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = deque()
+            for key, delta in read_deltas(base, tuned, keys, counts,
+                                          self._progress("compress")):
+                pieces = split_pieces(key, delta, base, base.family)
+                pending.append(pool.submit(self._code_key, key, pieces, fixed_ranks))
+                del delta, pieces
+                while len(pending) > workers:   # bounds the deltas held in memory
+                    collect(pending.popleft())
+            while pending:
+                collect(pending.popleft())
         return records, tensors, extras, spectra
+
+    def _parallelism(self):
+        """(workers, BLAS threads each). On the CPU: layers side by side, single-threaded,
+        at most MAX_WORKERS of them (each holds one layer's delta); an accelerator: one."""
+        if self.device.type != "cpu":
+            return 1, torch.get_num_threads()
+        cores = os.cpu_count() or 1
+        workers = max(1, min(cores, MAX_WORKERS))
+        return workers, max(1, cores // workers)
+
+    def _code_key(self, key, pieces, fixed_ranks):
+        out = []
+        for j, piece in enumerate(pieces):
+            rule = self.rule
+            if fixed_ranks is not None and (key, j) in fixed_ranks:
+                rule = RankRule("rank", max(fixed_ranks[(key, j)], 1), min_rank=0)
+            out.append((piece, self._code_piece(piece, rule, fixed_ranks, key, j)))
+        return out
 
     def _code_piece(self, piece, rule, fixed_ranks, key, j):
         if piece.rec.kind == "exact":
@@ -299,12 +332,7 @@ def _fmt(v):
 def _fingerprint(path):
     if path.lower().endswith(".safetensors"):
         return tensor_data_sha256(path)
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _reserved_bytes(spectra, base, tuned, keys):

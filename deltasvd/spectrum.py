@@ -15,6 +15,10 @@ Vectors: only the leading t are needed (t is a few percent of min(d, k) at the p
 thresholds), so they come from a short block subspace iteration on G, stopped when the energy
 the subspace captures is within SUBSPACE_TOL of the exact sum of the top t eigenvalues; a
 full `eigh` is used when t is a large part of the spectrum.
+
+On the CPU all of it runs in numpy (one BLAS/LAPACK thread pool): torch's CPU `eigvalsh` /
+`eigh` measured 5-10x slower than numpy's on the same matrices whenever another process
+shared the cores (its OpenMP threads spin), which is the normal state of a host like ComfyUI.
 """
 
 import math
@@ -33,7 +37,7 @@ GRAM_BLOCK = 1536
 # Energy the leading-vector subspace may miss, relative to the truncation error's energy: the
 # stored error is then within SUBSPACE_TOL / 2 of the exact one (the bench checks 1e-3).
 SUBSPACE_TOL = 1e-4
-SUBSPACE_MAX_ITERS = 30
+SUBSPACE_MAX_ITERS = 12   # then a full eigh is cheaper
 
 
 @dataclass
@@ -44,7 +48,7 @@ class Decomposition:
     precision: str         # what gave s: "gram64" or "svd64"
     tall: bool             # d >= k: the Gram is M^T M (input side, V), else M M^T (U)
     fro2: float = 0.0      # ||M||_F^2 (the Gram's trace, float64)
-    gram: torch.Tensor = None    # float64 Gram matrix, kept for the vectors
+    gram: object = None          # float64 Gram matrix (numpy on the CPU), kept for the vectors
     lam: np.ndarray = None       # the Gram eigenvalues behind s, and their error bound
     dl: float = 0.0
 
@@ -55,7 +59,8 @@ def as_matrix(delta):
 
 
 def gram(m):
-    """G = M^T M or M M^T, whichever is smaller, accumulated in float64 on m's device."""
+    """G = M^T M or M M^T, whichever is smaller, accumulated in float64: a numpy array for a
+    CPU tensor, a tensor on m's device otherwise."""
     tall = m.shape[0] >= m.shape[1]
     if m.device.type != "cpu":
         a = m.double()
@@ -67,19 +72,28 @@ def gram(m):
     for r in range(0, rows.shape[0], GRAM_BLOCK):
         blk = rows[r: r + GRAM_BLOCK].astype(np.float64)
         g += blk.T @ blk                  # numpy: BLAS syrk
-    return torch.from_numpy(g)
+    return g
+
+
+def _linalg(x):
+    return np.linalg if isinstance(x, np.ndarray) else torch.linalg
+
+
+def _descending(values):
+    values = values if isinstance(values, np.ndarray) else values.cpu().numpy()
+    return np.ascontiguousarray(values[::-1], dtype=np.float64)
 
 
 def gram_spectrum(m, keep_gram=True):
     """Values through the float64 Gram matrix of the smaller side, with per-value bounds."""
     d, k = m.shape
     g = gram(m)
-    lam = torch.linalg.eigvalsh(g).flip(0).cpu().numpy()
+    lam = _descending(_linalg(g).eigvalsh(g))
     n = lam.size
-    fro2 = float(torch.diagonal(g).sum())
+    fro2 = float(g.trace() if isinstance(g, np.ndarray) else torch.diagonal(g).sum())
     lam_max = max(float(lam[0]), 0.0) if n else 0.0
     # Absolute eigenvalue error of Gram + eigh: an empirical model (see GRAM_SAFETY).
-    dl = GRAM_SAFETY * float(torch.finfo(torch.float64).eps) * min(fro2, lam_max * math.sqrt(n))
+    dl = GRAM_SAFETY * float(np.finfo(np.float64).eps) * min(fro2, lam_max * math.sqrt(n))
     s = np.sqrt(np.clip(lam, 0.0, None))
     # |sqrt(a) - sqrt(b)| <= min(sqrt(|a - b|), |a - b| / sqrt(a)).
     err = np.minimum(math.sqrt(dl), dl / np.maximum(s, 1e-300))
@@ -94,31 +108,41 @@ def svd64_values(m):
 
 
 def leading_vectors(g, lam, t):
-    """The t leading eigenvectors of the PSD float64 matrix g (n x n), descending, given its
-    eigenvalues `lam` (descending). Block subspace iteration with Rayleigh-Ritz: each step is
-    one n x n x b product, and it stops once the captured energy is within SUBSPACE_TOL of the
-    optimum relative to the energy left out."""
+    """The t leading eigenvectors of the PSD float64 matrix g (n x n; numpy, or a tensor on an
+    accelerator), as columns in descending order, given its eigenvalues `lam` (descending).
+    Block subspace iteration with Rayleigh-Ritz: each step is one n x n x b product, and it
+    stops once the captured energy is within SUBSPACE_TOL of the optimum relative to the
+    energy left out."""
+    la = _linalg(g)
     n = g.shape[0]
     width = min(n, t + max(8, t // 2))
     left_out = max(float(np.sum(np.clip(lam[t:], 0.0, None))), float(lam[0]) * 1e-12, 1e-300)
     if 4 * width < n:
         best = float(np.sum(lam[:t]))
-        gen = torch.Generator(device="cpu").manual_seed(0)   # reproducible files
-        x = torch.randn(n, width, dtype=g.dtype, generator=gen).to(g.device)
+        x = np.random.default_rng(0).standard_normal((n, width))   # reproducible files
+        y = g @ (x if la is np.linalg else torch.from_numpy(x).to(g.device))
         for _ in range(SUBSPACE_MAX_ITERS):
-            x, _ = torch.linalg.qr(g @ x)
-            theta, w = torch.linalg.eigh(x.T @ g @ x)
+            x, _ = la.qr(y)
+            y = g @ x                      # one product per step: Ritz values and next step
+            theta, w = la.eigh(x.T @ y)
             if best - float(theta[-t:].sum()) <= SUBSPACE_TOL * left_out:
-                return x @ w[:, -t:].flip(1)
-    _, q = torch.linalg.eigh(g)            # wide subspaces or slow convergence: all of them
-    return q[:, -t:].flip(1) if t else q[:, :0]
+                return _first_reversed(x @ w[:, -t:], t)
+    _, q = la.eigh(g)                      # wide subspaces or slow convergence: all of them
+    return _first_reversed(q[:, -t:] if t else q[:, :0], t)
+
+
+def _first_reversed(q, t):
+    """Columns in reverse order (eigh is ascending), as a float32 tensor."""
+    if isinstance(q, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(q[:, ::-1], dtype=np.float32))
+    return q.flip(1).float()
 
 
 def factors(dec, m, t):
     """A (d x t) = U_t S_t and B (t x k) = V_t^T, float32, ordered by singular value."""
     g = dec.gram if dec.gram is not None else gram(m)
     lam = dec.lam if dec.lam is not None else np.asarray(dec.s, dtype=np.float64) ** 2
-    q = leading_vectors(g, lam, t).to(m.dtype)
+    q = leading_vectors(g, lam, t).to(device=m.device, dtype=m.dtype)
     if dec.tall:                       # q = V_t: A = M V_t = U_t S_t
         return (m @ q).contiguous(), q.T.contiguous()
     # q = U_t: B = U_t^T M = S_t V_t^T; normalise its rows to unit length (V_t^T) and move the
