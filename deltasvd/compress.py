@@ -141,13 +141,13 @@ def code_exact(piece):
     return {"diff": piece.data.float().clone()}, None
 
 
-def code_matrix(piece, rule, dtype, device):
+def code_matrix(piece, rule, dtype, device, precise=False):
     """SVD-code one matrix piece under `rule` (a RankRule). Returns (tensors, spectrum)."""
     rec = piece.rec
     m = spectrum.as_matrix(piece.data)
     d, k = m.shape
     md = m.to(device)
-    dec, t, dense = spectrum.decide_rank(md, rule)
+    dec, t, dense = spectrum.decide_rank(md, rule, precise=precise)
     rec.n, rec.precision = min(d, k), dec.precision
     rec.sum_s, rec.sum_s2 = float(np.sum(dec.s)), float(np.sum(dec.s * dec.s))
     rec.norm2 = dec.fro2
@@ -190,8 +190,9 @@ def _budget_ranks(spectra, rule, dtype, budget_bytes):
 class Compressor:
     """Runs the whole job; holds the options so the steps stay short."""
 
-    def __init__(self, rule, dtype="fp16", device="cpu", progress=None):
+    def __init__(self, rule, dtype="fp16", device="cpu", progress=None, precise=False):
         self.rule = rule
+        self.precise = precise  # float64 values for every layer (an analysis, explorer.py)
         self.dtype = storage_dtype(dtype)
         self.dtype_name = dtype
         self.device = torch.device(device)
@@ -274,7 +275,7 @@ class Compressor:
             return code_exact(piece)
         if fixed_ranks is not None and fixed_ranks.get((key, j), 0) == 0:
             return None, None   # the budget gave this layer nothing
-        return code_matrix(piece, rule, self.dtype, self.device)
+        return code_matrix(piece, rule, self.dtype, self.device, self.precise)
 
 
 @contextmanager

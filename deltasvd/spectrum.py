@@ -100,12 +100,15 @@ def _undecided(dec, rule, d, k):
     return lo != hi and not (is_dense(lo, d, k) and is_dense(hi, d, k))
 
 
-def decide_rank(m, rule, vectors=True):
+def decide_rank(m, rule, vectors=True, precise=False):
     """Decompose `m` and pick its rank under `rule`, the values climbing in precision while
-    the rank is undecided. Returns (decomposition, rank, dense)."""
+    the rank is undecided. Returns (decomposition, rank, dense).
+
+    `precise`: take the float64 values whatever `rule` needs, for an analysis that later picks
+    ranks under other thresholds (explorer.py) and must pick the ones `compress` would."""
     d, k = m.shape
     dec = gram_spectrum(m, vectors, torch.float32)
-    if _undecided(dec, rule, d, k):
+    if precise or _undecided(dec, rule, d, k):
         finer = gram_spectrum(m, False, torch.float64)
         dec.s, dec.err, dec.lam, dec.dl = finer.s, finer.err, finer.lam, finer.dl
         dec.precision = finer.precision
