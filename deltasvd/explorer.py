@@ -27,6 +27,7 @@ import torch
 from .api import analyse_pair, host_meta_fn
 from .delta_file import STORAGE_DTYPES, file_size, lora_parts, tensor_names
 from .groups import format_table, group_of, group_rows, rel_error
+from .plot import layer_values
 from .ranks import RankRule, is_dense
 from .resize import copy_delta, new_rank, resize_to_size
 from .summary import record_bytes
@@ -58,9 +59,9 @@ class Explorer:
         self.name = name
         self.esize = STORAGE_DTYPES[analysis.info.get("dtype", "fp16")].itemsize
         self.coded = [i for i, r in enumerate(analysis.records) if r.n and i in analysis.spectra]
-        # float64 values of each coded layer (the analysis keeps the full spectrum in memory)
-        self.values = {i: np.asarray(analysis.spectra[i][0], dtype=np.float64)
-                       for i in self.coded}
+        # float64 values of each coded layer: an analysis holds them all; a file read back
+        # holds the exact head and a float16 tail (enough for the tables of Inspect)
+        self.values = {i: layer_values(analysis, i) for i in self.coded}
         self.tuned_bytes = int(analysis.info.get("tuned_bytes") or 0) or None
         self._curves = {}
 
@@ -155,17 +156,18 @@ class Explorer:
         rows = group_rows(preview.delta.records, lambda r: record_bytes(preview.delta, r))
         return format_table(rows, preview.file_bytes, self.tuned_bytes)
 
-    def layer_rows(self, preview, sort="size"):
-        """One row per coded layer (LAYER_HEADERS), largest first by `sort`."""
+    def layer_rows(self, delta, sort="size"):
+        """One row per coded layer of `delta` (a preview's skeleton, or the analysed delta
+        itself), LAYER_HEADERS, largest first by `sort`."""
         rows = []
         for i in self.coded:
-            rec = preview.delta.records[i]
+            rec = delta.records[i]
             s = self.values[i]
             t = rec.rank if rec.kind == "svd" else rec.n
             kept = float(np.sum(s[:t]) / np.sum(s)) if np.sum(s) > 0 else 1.0
             d, k = rec.matrix_shape
             rows.append([group_of(rec.key), rec.name, f"{d}x{k}", rec.kind, t, rec.n,
-                         round(kept, 4), round(record_bytes(preview.delta, rec) / 1024, 1),
+                         round(kept, 4), round(record_bytes(delta, rec) / 1024, 1),
                          round(rel_error(rec.err2, rec.norm2), 4)])
         col = {"size": 7, "rank": 4, "error": 8, "name": 1}.get(sort, 7)
         return sorted(rows, key=lambda r: r[col], reverse=sort != "name")
