@@ -181,7 +181,9 @@ def _inspect_tab(host):
         return actions.list_files(host.lora_dir(), (".safetensors",))
 
     with gr.Row():
-        file = _make(gr.Dropdown, choices=list(names()), label="delta file (LoRA folder)",
+        # listed on Refresh, not while the page is built: a LoRA folder can be large, and
+        # A1111 builds every tab at start
+        file = _make(gr.Dropdown, choices=[], label="delta file (LoRA folder; Refresh lists it)",
                      allow_custom_value=True, elem_id="dsvd-file")
         refresh = _make(gr.Button, "Refresh", elem_id="dsvd-file-refresh")
         go = _make(gr.Button, "Inspect", variant="primary", elem_id="dsvd-inspect")
