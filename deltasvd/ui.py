@@ -168,8 +168,13 @@ def _explore_tab(host):
     refresh.click(do_refresh, [], [c["base"], c["tuned"]])
     _on(analyze.click, do_analyze, [c["base"], c["tuned"], c["dtype"], c["mode"], c["sort"]],
         [state, c["status"], c["value"], *view])
+    setting = [state, c["mode"], c["value"], c["sort"]]
     for event in (c["value"].change, c["sort"].change):
-        _on(event, do_setting, [state, c["mode"], c["value"], c["sort"]], view, **fast)
+        _on(event, do_setting, setting, view, **fast)
+    if "trigger_mode" not in inspect.signature(c["value"].change).parameters:
+        # gradio 3 drops a slider's changes while one is being answered, so the value the
+        # drag ends on could go unanswered; its release event answers that one.
+        _on(c["value"].release, do_setting, setting, view, **fast)
     _on(c["mode"].change, do_mode, [state, c["mode"], c["sort"]], [c["value"], *view], **fast)
     return _on(save.click, do_save,
                [state, c["base"], c["tuned"], c["mode"], c["value"], c["name"]],

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 import torch
 
-from deltasvd.delta_file import read_delta
+from deltasvd.delta_file import read_delta, reconstruct
 from ui_env import CHROMEDRIVER, CHROMIUM, require_browser
 from ui_pair import assert_same_table, cli_compress, small_pair, total_mb
 
@@ -131,10 +131,19 @@ class Page:
                              f"{self.text('dsvd-numbers')!r} (tests/out/ui_timeout.png)")
 
     def set_value(self, value):
-        """Type into the slider's number box; returns the seconds until the numbers change."""
+        """Put a value into the slider's number box in one edit (as a paste would: typed key by
+        key, gradio 3 answers the first keystroke and drops the rest while it is busy);
+        returns the seconds until the numbers change."""
         before = self.text("dsvd-numbers")
+        el = self.d.find_element(self.By.CSS_SELECTOR, "#dsvd-value input[type=number]")
         start = time.perf_counter()
-        self.type("dsvd-value", str(value), "input[type=number]")
+        self.d.execute_script(
+            "const el = arguments[0];"
+            "Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value')"
+            ".set.call(el, arguments[1]);"
+            "el.dispatchEvent(new Event('input', {bubbles: true}));"
+            "el.dispatchEvent(new Event('change', {bubbles: true}));", el, str(value))
+        el.send_keys(self.Keys.ENTER)
         self.wait(lambda: self.text("dsvd-numbers") != before, 60)
         return time.perf_counter() - start
 
@@ -187,5 +196,13 @@ def test_explore_and_save(browser, folders, tmp_path):
     saved, cli = read_delta(path), read_delta(tmp_path / "cli.safetensors")
     assert [r.rank for r in saved.records] == [r.rank for r in cli.records]
     assert saved.tensors.keys() == cli.tensors.keys()
-    assert all(torch.equal(saved.tensors[k], cli.tensors[k]) for k in cli.tensors)
+    if os.environ.get("DELTASVD_UI_PYTHON"):
+        # another interpreter (its own numpy) rounds the factors differently: compare what
+        # they rebuild, to storage precision
+        for rec in cli.records:
+            a = reconstruct(rec, saved.stored(rec))
+            b = reconstruct(rec, cli.stored(rec))
+            assert (a - b).norm() <= 1e-2 * b.norm() + 1e-6, rec.name
+    else:
+        assert all(torch.equal(saved.tensors[k], cli.tensors[k]) for k in cli.tensors)
     page.d.save_screenshot(os.path.join(SHOTS, "ui_saved.png"))
