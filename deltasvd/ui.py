@@ -229,12 +229,14 @@ def _inspect_tab(host):
         except (DeltaError, OSError) as e:
             return _message(e)
 
-    def do_refresh():
-        return gr.update(choices=list(names()))
+    def do_refresh(current=None):
+        choices = list(names())   # keeps the file chosen (gradio 6 would clear it)
+        return gr.update(choices=choices, value=current if current in choices else None)
 
-    refresh.click(do_refresh, [], [file])
+    refresh.click(do_refresh, [file], [file])
     go.click(do_inspect, [file], [info, layers])
-    resize.click(do_resize, [file, mode, value, name], [result]).then(do_refresh, [], [file])
+    resize.click(do_resize, [file, mode, value, name], [result]).then(do_refresh, [file],
+                                                                      [file])
     return do_refresh, [file]
 
 
@@ -245,7 +247,7 @@ def build(host):
             saved = _explore_tab(host)
         with gr.Tab("Inspect / resize"):
             refresh, outputs = _inspect_tab(host)
-        saved.then(refresh, [], outputs)   # a saved delta is listed for Inspect at once
+        saved.then(refresh, outputs, outputs)   # a saved delta is listed for Inspect at once
     return blocks
 
 

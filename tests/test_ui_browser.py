@@ -206,3 +206,23 @@ def test_explore_and_save(browser, folders, tmp_path):
     else:
         assert all(torch.equal(saved.tensors[k], cli.tensors[k]) for k in cli.tensors)
     page.d.save_screenshot(os.path.join(SHOTS, "ui_saved.png"))
+
+
+def test_inspect_and_resize(browser, folders):
+    """After the Save above: the file is listed, its metadata shown, and it can be cut."""
+    page = Page(browser)
+    tabs = page.d.find_elements(page.By.XPATH, "//button[contains(., 'Inspect / resize')]")
+    next(t for t in tabs if t.is_displayed()).click()   # gradio 6 keeps a hidden copy too
+    page.click("dsvd-file-refresh")
+    page.type("dsvd-file", os.path.join("deltas", "from_ui.safetensors"))
+    page.click("dsvd-inspect")
+    info = page.wait(lambda: "energy = 0.3" in page.text("dsvd-info") and page.text("dsvd-info"))
+    assert "from_ui.safetensors" in info and "total" in info
+    page.type("dsvd-resize-value", "0.2")
+    page.type("dsvd-resize-name", "deltas/cut")
+    page.click("dsvd-resize")
+    text = page.wait(lambda: page.text("dsvd-resized"))
+    path = os.path.join(folders["loras"], "deltas", "cut.safetensors")
+    assert text.startswith(path), text
+    assert read_delta(path).info["resized_from"] == "energy=0.3"
+    page.d.save_screenshot(os.path.join(SHOTS, "ui_inspect.png"))
