@@ -5,12 +5,9 @@ extension makes (script_callbacks.on_ui_tabs / on_ui_settings, shared.opts / Opt
 cmd_opts.lora_dir, sd_models.checkpoints_list, launch.is_installed / run_pip), with A1111
 1.10's names and signatures."""
 
-import importlib.util
 import os
 import subprocess
 import sys
-
-import pytest
 
 from ui_env import require_gradio
 
@@ -25,8 +22,9 @@ def _run(code):
                           text=True, timeout=300, cwd=ROOT)
 
 
+SCRIPT = os.path.join(ROOT, "scripts", "deltasvd_tab.py")
 LOAD = ("import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('tab', {os.path.join(ROOT, 'scripts', 'deltasvd_tab.py')!r})\n"
+        f"spec = importlib.util.spec_from_file_location('tab', {SCRIPT!r})\n"
         "tab = importlib.util.module_from_spec(spec); spec.loader.exec_module(tab)\n")
 
 
@@ -42,7 +40,8 @@ def test_tab_settings_checkpoints_and_lora_folder(tmp_path):
     require_gradio()
     code = LOAD + f"""
 from modules import script_callbacks, shared, sd_models
-sd_models.checkpoints_list['base.safetensors [abc]'] = sd_models.CheckpointInfo('/m/base.safetensors', 'base')
+info = sd_models.CheckpointInfo('/m/base.safetensors', 'base')
+sd_models.checkpoints_list['base.safetensors [abc]'] = info
 shared.cmd_opts.lora_dir = {str(tmp_path)!r}
 script_callbacks.ui_settings_callback()
 print(shared.opts.deltasvd_default_threshold, repr(shared.opts.deltasvd_folder))
