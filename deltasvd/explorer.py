@@ -63,13 +63,16 @@ class Explorer:
         # holds the exact head and a float16 tail (enough for the tables of Inspect)
         self.values = {i: layer_values(analysis, i) for i in self.coded}
         self.tuned_bytes = int(analysis.info.get("tuned_bytes") or 0) or None
+        self.paths = None   # (base, tuned) when analysed from files: what Save compresses
         self._curves = {}
 
     @classmethod
     def from_files(cls, base, tuned, dtype="fp16", device="cpu", progress=None,
                    allow_pickle=False, name="delta"):
         delta, counts, _ = analyse_pair(base, tuned, dtype, device, progress, allow_pickle)
-        return cls(delta, counts, name)
+        explorer = cls(delta, counts, name)
+        explorer.paths = (base, tuned)
+        return explorer
 
     # -- settings -> ranks ---------------------------------------------------------------------
 

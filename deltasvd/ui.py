@@ -37,8 +37,15 @@ def _on(event, fn, inputs, outputs, **kw):
     return event(fn, inputs, outputs, **_accepted(event, kw))
 
 
+# What a handler catches: the core's refusals and file errors, and, as this is where a console
+# would otherwise be the only place to see it, anything else (shown with its type).
+FAILURES = Exception
+
+
 def _message(e):
-    return f"Error: {e}"
+    if isinstance(e, (DeltaError, OSError)):
+        return f"Error: {e}"
+    return f"Error: {type(e).__name__}: {e}"
 
 
 def _progress(progress):
@@ -132,7 +139,7 @@ def _explore_tab(host):
                       f"{len(explorer.analysis.records)} changed pieces, "
                       f"{len(explorer.coded)} matrices ({dtype}); move the slider")
             return [explorer, status, slider, *_render(explorer, mode, value, sort)]
-        except (DeltaError, OSError) as e:
+        except FAILURES as e:
             return [None, _message(e), gr.update(), *keep]
 
     def do_setting(explorer, mode, value, sort):
@@ -140,7 +147,7 @@ def _explore_tab(host):
             return keep
         try:
             return list(_render(explorer, mode, value, sort))
-        except DeltaError as e:   # e.g. a size below the smallest file
+        except FAILURES as e:   # e.g. a size below the smallest file
             return [_message(e), *keep[1:]]
 
     def do_mode(explorer, mode, sort):
@@ -149,19 +156,17 @@ def _explore_tab(host):
             return [slider, *keep]
         return [slider, *do_setting(explorer, mode, slider["value"], sort)]
 
-    def do_save(explorer, base, tuned, mode, value, name, progress=gr.Progress()):
+    def do_save(explorer, mode, value, name, progress=gr.Progress()):
         if explorer is None:
             return "Error: press Analyze first", gr.update()
         try:
-            names = host.checkpoints()
+            # the pair that was analysed, whatever the dropdowns show now
             preview = explorer.preview(MODES.get(mode, mode), value)
-            path, summary = actions.save(actions.resolve(base, names, "base"),
-                                         actions.resolve(tuned, names, "fine-tuned"),
-                                         preview, host.lora_dir(), name,
+            path, summary = actions.save(*explorer.paths, preview, host.lora_dir(), name,
                                          explorer.analysis.info.get("dtype", "fp16"),
                                          _progress(progress))
             return f"saved {path}", f"{path}\n\n{summary}"
-        except (DeltaError, OSError) as e:
+        except FAILURES as e:
             return _message(e), gr.update()
 
     fast = {"show_progress": "hidden", "trigger_mode": "always_last"}
@@ -177,7 +182,7 @@ def _explore_tab(host):
         _on(c["value"].release, do_setting, setting, view, **fast)
     _on(c["mode"].change, do_mode, [state, c["mode"], c["sort"]], [c["value"], *view], **fast)
     return _on(save.click, do_save,
-               [state, c["base"], c["tuned"], c["mode"], c["value"], c["name"]],
+               [state, c["mode"], c["value"], c["name"]],
                [c["status"], c["saved"]])
 
 
@@ -218,7 +223,7 @@ def _inspect_tab(host):
         try:
             text, rows = actions.inspect(path_of(choice))
             return text, _table(rows)
-        except (DeltaError, OSError) as e:
+        except FAILURES as e:
             return _message(e), gr.update()
 
     def do_resize(choice, m, v, new_name):
@@ -226,7 +231,7 @@ def _inspect_tab(host):
             path, text = actions.resize(path_of(choice), host.lora_dir(), new_name,
                                         MODES.get(m, m), v)
             return f"{path}\n\n{text}"
-        except (DeltaError, OSError) as e:
+        except FAILURES as e:
             return _message(e)
 
     def do_refresh(current=None):
