@@ -31,6 +31,16 @@ def compress_to_delta(base, tuned, rule, dtype="fp16", device="cpu", progress=No
     return delta, counts, tuned_bytes
 
 
+def analyse_pair(base, tuned, dtype="fp16", device="cpu", progress=None, allow_pickle=False):
+    """Every layer's float64 spectrum, factors kept at rank 1 only (little memory): what the
+    threshold explorer re-targets to any setting. Returns (delta, counts, tuned_bytes)."""
+    rule = RankRule("rank", 1)
+    delta, counts, tuned_bytes = Compressor(rule, dtype, device, progress).run(
+        base, tuned, allow_pickle)
+    delta.info["tuned_bytes"] = tuned_bytes
+    return delta, counts, tuned_bytes
+
+
 def fit_size(delta, rule, name):
     """Size mode: trim the coded delta until its file, named `name`, fits the budget exactly."""
     if rule.mode == "size_mb":

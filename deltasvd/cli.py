@@ -80,6 +80,14 @@ def build_parser():
     d = sub.add_parser("demo", help="the whole job on a built-in small pair")
     d.add_argument("--dir", default=None, help="where to put the files (default: a new temp dir)")
     d.add_argument("--energy", type=float, default=0.5)
+    u = sub.add_parser("ui", help="the threshold explorer page in a browser (needs gradio)")
+    u.add_argument("--port", type=int, default=7861)
+    u.add_argument("--listen", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    u.add_argument("--models", default=".", help="folder whose checkpoints the page lists")
+    u.add_argument("--loras", default=None,
+                   help="where Save writes and Inspect looks (default <models>/loras)")
+    u.add_argument("--threshold", type=float, default=0.5, help="the slider's first value")
     return p
 
 
@@ -163,8 +171,23 @@ def cmd_demo(args):
     run_demo(args.dir, args.energy)
 
 
+def cmd_ui(args):
+    try:
+        from . import ui
+    except ImportError as e:
+        raise DeltaError(f"the page needs gradio ({e}): pip install 'gradio>=3.41'") from None
+    from .ui_actions import standalone
+    if not os.path.isdir(args.models):
+        raise DeltaError("models folder does not exist", args.models)
+    loras = args.loras or os.path.join(args.models, "loras")
+    os.makedirs(loras, exist_ok=True)
+    print(f"deltasvd ui: http://{args.listen}:{args.port}  (models {args.models}, "
+          f"deltas into {loras})", flush=True)
+    ui.launch(standalone(args.models, loras, args.threshold), args.port, args.listen)
+
+
 COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "apply": cmd_apply,
-            "resize": cmd_resize, "demo": cmd_demo}
+            "resize": cmd_resize, "demo": cmd_demo, "ui": cmd_ui}
 
 
 def main(argv=None):

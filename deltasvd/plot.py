@@ -34,7 +34,7 @@ def measure_of(delta):
     return "fro" if delta.info.get("mode") == "fro" else "energy"
 
 
-def _values(delta, i):
+def layer_values(delta, i):
     """float64 singular values of record i: the exact head, then the float16 tail."""
     rec = delta.records[i]
     full, head = delta.spectra[i]
@@ -52,7 +52,7 @@ def energy_curves(delta, measure=None):
     acc = {}
     for i in coded(delta):
         rec = delta.records[i]
-        s = _values(delta, i)
+        s = layer_values(delta, i)
         v = s if measure == "energy" else s * s
         total = rec.sum_s if measure == "energy" else rec.sum_s2
         if total <= 0:
@@ -94,7 +94,7 @@ def size_curve(delta, file_bytes, measure=None, thresholds=None):
     esize = STORAGE_DTYPES[delta.info.get("dtype", "fp16")].itemsize
     idx = coded(delta)
     recs = [delta.records[i] for i in idx]
-    values = [_values(delta, i) for i in idx]
+    values = [layer_values(delta, i) for i in idx]
     fixed = file_bytes - sum(record_cost(r, r.rank if r.kind == "svd" else r.n, esize)
                              for r in recs)
     sizes = []

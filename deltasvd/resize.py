@@ -112,7 +112,10 @@ def resize_to_size(delta, rule, file_size_fn):
     factor_bytes = sum(r.rank * sum(r.matrix_shape) * esize for r in recs if r.kind == "svd")
     dense_bytes = sum(r.matrix_shape[0] * r.matrix_shape[1] * esize for r in recs
                       if r.kind == "dense")
-    fixed = file_size_fn(out) - factor_bytes - dense_bytes
+    # The float64 heads (about 11 bytes per kept component, base64'd) are part of each
+    # component's cost below, so they leave the fixed part too (else it is counted twice).
+    heads = 11 * sum(r.rank for r in recs)
+    fixed = file_size_fn(out) - factor_bytes - dense_bytes - heads
     layers = [(np.asarray(out.spectra[i][1][: rule.max_rank]), sum(r.matrix_shape) * esize + 11)
               for i, r in zip(coded, recs)]
     for i, t in zip(coded, allocate_budget(layers, max(limit - fixed, 0))):

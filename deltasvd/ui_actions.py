@@ -1,0 +1,142 @@
+"""What the explorer page's buttons do, without gradio (ui.py wires these to the page).
+
+Every action returns plain values (text, rows, paths) and raises DeltaError with a message
+naming the file (and tensor) on bad input; the page shows that message."""
+
+import os
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from .api import compress_files, resize_file
+from .delta_file import read_delta
+from .errors import DeltaError
+from .explorer import Explorer
+from .summary import inspect_text
+
+@dataclass
+class Host:
+    """What the page needs from where it runs (A1111 / Forge: scripts/; alone: `standalone`)."""
+    checkpoints: Callable[[], dict]     # label -> checkpoint path
+    lora_dir: Callable[[], str]         # where Save writes and Inspect lists
+    default_threshold: float = 0.5
+
+
+def standalone(models, loras, threshold=0.5):
+    """`deltasvd ui`: checkpoints from a models folder, deltas into a LoRA folder."""
+    return Host(lambda: list_files(models), lambda: loras, threshold)
+
+
+MODEL_EXTS = (".safetensors", ".ckpt", ".pt")
+_CACHE = OrderedDict()   # (files' identity, dtype) -> Explorer; the last few analyses
+CACHE_SIZE = 2
+
+
+def list_files(folder, exts=MODEL_EXTS):
+    """{label (path relative to the folder): absolute path} of model files, sorted."""
+    out = {}
+    if not folder or not os.path.isdir(folder):
+        return out
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if f.lower().endswith(exts) and not f.startswith("."):
+                path = os.path.join(root, f)
+                out[os.path.relpath(path, folder)] = path
+    return dict(sorted(out.items()))
+
+
+def resolve(choice, choices, what):
+    """A dropdown choice (a label of `choices`, or a typed path) -> an existing file."""
+    if not choice:
+        raise DeltaError(f"choose the {what} checkpoint")
+    path = choices.get(choice, choice)
+    if not os.path.isfile(path):
+        raise DeltaError(f"{what} checkpoint not found", path)
+    return path
+
+
+def _identity(path):
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+def analyse(base, tuned, dtype, progress=None):
+    """The Explorer of a pair: computed once, then served from the cache (same files, same
+    dtype); a changed file (size or mtime) is analysed again."""
+    key = (_identity(base), _identity(tuned), dtype)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    explorer = Explorer.from_files(base, tuned, dtype, progress=progress)
+    _CACHE[key] = explorer
+    while len(_CACHE) > CACHE_SIZE:  # an analysis holds every spectrum: keep only a few
+        _CACHE.popitem(last=False)
+    return explorer
+
+
+def numbers(explorer, preview):
+    """The headline numbers of a preview, one per line (the page shows them as is)."""
+    mb = preview.file_bytes / 2**20
+    ratio = (f"{explorer.tuned_bytes / preview.file_bytes:.1f}x"
+             if explorer.tuned_bytes else "-")
+    return (f"size            {mb:.2f} MB\n"
+            f"compression     {ratio}\n"
+            f"parameters      {preview.params:,}\n"
+            f"est. rel. error {preview.rel_error:.4f}\n"
+            f"kept energy     {preview.kept:.4f}\n"
+            f"answered in     {preview.seconds * 1000:.0f} ms")
+
+
+def output_path(folder, name):
+    """`<folder>/<name>.safetensors`; refuses names that leave the folder."""
+    name = (name or "").strip()
+    if not name:
+        raise DeltaError("give the delta a name")
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise DeltaError("the name must stay inside the LoRA folder", name)
+    if not folder or not os.path.isdir(folder):
+        raise DeltaError("LoRA folder does not exist", folder)
+    path = os.path.join(folder, name + ".safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def check_space(path, need_bytes):
+    """Refuse before writing when the folder cannot hold the file (a full disk would fail
+    halfway; the atomic write leaves nothing, but minutes are lost)."""
+    free = shutil.disk_usage(os.path.dirname(path)).free
+    if free < need_bytes * 1.1 + (1 << 20):
+        raise DeltaError(f"not enough space: {free / 2**20:.1f} MB free, the delta needs about "
+                         f"{need_bytes / 2**20:.1f} MB", os.path.dirname(path))
+
+
+def save(base, tuned, preview, folder, name, dtype, progress=None):
+    """Compress the pair at the preview's setting into the LoRA folder (what `deltasvd
+    compress` writes). Returns (path, summary text)."""
+    out = output_path(folder, name)
+    check_space(out, preview.file_bytes)
+    try:
+        delta, summary = compress_files(base, tuned, out, preview.rule, dtype,
+                                        progress=progress)
+    except OSError as e:  # e.g. the disk filled up meanwhile: the partial file is gone
+        raise DeltaError(f"could not write the delta ({e.strerror or e})", out) from None
+    return out, summary
+
+
+def inspect(path):
+    """(metadata and group table text, per-layer rows) of an existing delta file."""
+    delta = read_delta(path)
+    return (inspect_text(delta, os.path.getsize(path)),
+            Explorer(delta).layer_rows(delta))
+
+
+def resize(src, folder, name, mode, value):
+    """Cut an existing delta to a smaller setting, beside it. Returns (path, text)."""
+    from .ranks import RankRule
+    out = output_path(folder, name)
+    delta, size = resize_file(src, out, RankRule(mode, float(value)))
+    delta.info["file"] = os.path.basename(out)
+    return out, inspect_text(delta, size)

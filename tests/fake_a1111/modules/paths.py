@@ -1,0 +1,3 @@
+"""paths.models_path: A1111's models folder."""
+
+models_path = "/nonexistent/models"

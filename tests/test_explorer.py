@@ -1,0 +1,93 @@
+"""The explorer's model against `deltasvd compress`: one analysis answers any setting with the
+ranks, per-group bytes and (within the rounding) errors compress gives, in milliseconds."""
+
+import os
+import statistics
+
+import pytest
+
+from deltasvd import api
+from deltasvd.delta_file import read_delta
+from deltasvd.explorer import Explorer
+from ui_pair import assert_same_table, cli_compress, group_rows, small_pair
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return small_pair(tmp_path_factory.mktemp("explorer_pair"))
+
+
+@pytest.fixture(scope="module")
+def explorer(pair):
+    return Explorer.from_files(*pair, name="out")
+
+
+@pytest.mark.parametrize("mode,value", [("energy", 0.5), ("energy", 0.06), ("fro", 0.9),
+                                        ("rank", 8)])
+def test_setting_equals_compress(explorer, pair, tmp_path, mode, value):
+    flag = {"energy": "--energy", "fro": "--fro", "rank": "--rank"}[mode]
+    out = tmp_path / "out.safetensors"
+    printed = cli_compress(*pair, out, flag, str(value))
+    preview = explorer.preview(mode, value)
+    assert_same_table(explorer.group_table(preview), printed)
+    real = read_delta(out)
+    assert [r.rank for r in preview.delta.records] == [r.rank for r in real.records]
+    assert [r.kind for r in preview.delta.records] == [r.kind for r in real.records]
+    # the file size is exact up to the zlib-compressed metadata
+    assert abs(preview.file_bytes - os.path.getsize(out)) < 2048
+    assert preview.params == sum(t.numel() for t in real.tensors.values())
+
+
+def test_a_different_threshold_does_not_match(explorer, pair, tmp_path):
+    """Negative check: the comparison above can fail."""
+    printed = cli_compress(*pair, tmp_path / "o.safetensors", "--energy", "0.5")
+    ours = explorer.group_table(explorer.preview("energy", 0.45))
+    with pytest.raises(AssertionError):
+        assert_same_table(ours, printed)
+    assert group_rows(ours) != group_rows(printed)
+
+
+def test_size_mode_fits_the_budget(explorer):
+    for mb in (1.0, 3.0):
+        p = explorer.preview("size_mb", mb)
+        assert mb * 2**20 * 0.97 <= p.file_bytes <= mb * 2**20
+
+
+def test_slider_is_fast(explorer):
+    """<= 0.2 s per setting, with no recomputation (median over a sweep, curves cached)."""
+    explorer.curve("energy")
+    times = [explorer.preview("energy", t / 40).seconds for t in range(1, 41)]
+    times += [explorer.preview("rank", r).seconds for r in (1, 4, 16, 64)]
+    assert statistics.median(times) <= 0.2 and max(times) < 1.0, times
+
+
+def test_curve_and_ranges(explorer):
+    grid, mb, kept = explorer.curve("energy")
+    assert (mb[1:] >= mb[:-1] - 1e-9).all()      # more energy kept costs more bytes
+    assert kept[-1] == pytest.approx(1.0, abs=1e-3)
+    lo, hi, step = explorer.range_of("size_mb")
+    assert 0 < lo < hi and step == 0.01
+    assert explorer.range_of("rank")[1] == max(r.n for r in explorer.analysis.records)
+
+
+def test_layer_rows_sort(explorer):
+    p = explorer.preview("energy", 0.5)
+    by_size = explorer.layer_rows(p.delta, "size")
+    assert len(by_size) == len(explorer.coded)
+    assert [r[7] for r in by_size] == sorted((r[7] for r in by_size), reverse=True)
+    by_name = explorer.layer_rows(p.delta, "name")
+    assert [r[1] for r in by_name] == sorted(r[1] for r in by_name)
+
+
+def test_analysis_is_float64(explorer):
+    """Every layer's values come from the float64 rung, so ranks match compress anywhere."""
+    assert all(r.precision in ("gram64", "svd64") for r in explorer.analysis.records
+               if r.n)
+
+
+def test_inspecting_a_file(pair, tmp_path):
+    out = tmp_path / "d.safetensors"
+    api.compress_files(*pair, out, api.make_rule("energy", 0.5))
+    delta = read_delta(out)
+    rows = Explorer(delta).layer_rows(delta)
+    assert {r[1] for r in rows} == {r.name for r in delta.records if r.n}
