@@ -38,6 +38,18 @@ def compress_summary(delta, counts, file_bytes, tuned_bytes):
     return "\n".join(lines)
 
 
+def _codec_line(info):
+    codec = info.get("codec")
+    if codec == "dct":
+        return (f"dct  {info.get('bits')} bits per parameter (budget), {info.get('patch')}x"
+                f"{info.get('patch')} patches  (not LoRA-loadable: deltasvd apply / convert)")
+    line = f"{codec}  mode {info.get('mode')} = {info.get('value')}  factors "
+    if codec == "qsvd":
+        return line + (f"int{info.get('factor_bits')} (fewer bits for the tail; not "
+                       "LoRA-loadable: deltasvd apply / convert)")
+    return line + str(info.get("dtype"))
+
+
 def inspect_text(delta, file_bytes):
     info = delta.info
     svd = [r for r in delta.records if r.kind == "svd" and r.n]
@@ -45,8 +57,7 @@ def inspect_text(delta, file_bytes):
     lines = [
         f"file      {info.get('file')}  ({file_bytes / 2**20:.2f} MB, {params:,} stored values)",
         f"family    {FAMILIES.get(delta.family, delta.family)}",
-        f"codec     {info.get('codec')}  mode {info.get('mode')} = {info.get('value')}  "
-        f"factors {info.get('dtype')}",
+        f"codec     {_codec_line(info)}",
         f"base      {info.get('base_name')}  sha256 {info.get('base_sha256', '')[:16]}…",
         f"tuned     {info.get('tuned_name')}  sha256 {info.get('tuned_sha256', '')[:16]}…",
         f"layers    {len(svd)} factored, {sum(r.kind == 'dense' for r in delta.records)} dense, "
