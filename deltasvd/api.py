@@ -57,18 +57,18 @@ def compress_files(base, tuned, out, rule, dtype="fp16", device="cpu", overwrite
     return delta, compress_summary(delta, counts, size, tuned_bytes)
 
 
-def resize_delta(delta, rule, name="delta"):
+def resize_delta(delta, rule, name="delta", where=None):
     if is_coded(delta):
         raise DeltaError(f"resize cuts LoRA-format (svd) deltas; this one is coded "
                          f"({delta.info.get('codec')}): compress again, or `deltasvd convert` "
-                         "it to a LoRA-format file first", delta.info.get("file"))
+                         "it to a LoRA-format file first", where or delta.info.get("file"))
     if rule.mode == "size_mb":
         return resize_to_size(delta, rule, lambda d: file_size(d, host_meta_fn(d, name)))
     return resize(delta, rule)
 
 
 def resize_file(src, out, rule, overwrite=False):
-    delta = resize_delta(read_delta(src), rule, output_name(out))
+    delta = resize_delta(read_delta(src), rule, output_name(out), where=src)
     size = save_delta(delta, out, overwrite=overwrite, inputs=(src,))
     return delta, size
 
@@ -76,7 +76,7 @@ def resize_file(src, out, rule, overwrite=False):
 def convert_file(src, out, rule, dtype="fp16", device="cpu", overwrite=False, progress=None):
     """A qsvd / dct delta file -> a LoRA-format delta file (decode, then factor again)."""
     check_output_path(out, overwrite, (src,))
-    delta = to_lora(read_delta(src), rule, dtype, device, progress)
+    delta = to_lora(read_delta(src), rule, dtype, device, progress, where=src)
     size = save_delta(delta, out, overwrite=overwrite, inputs=(src,))
     return delta, size
 

@@ -10,18 +10,18 @@ from .delta_file import CODED_PARTS, Delta, reconstruct
 from .errors import DeltaError
 
 
-def to_lora(delta, rule, dtype="fp16", device="cpu", progress=None):
+def to_lora(delta, rule, dtype="fp16", device="cpu", progress=None, where=None):
     """A new "svd" Delta from `delta`. Each re-factored record's err2 is the coded file's error
     plus the re-factoring's (exact when the two residuals are orthogonal, else an estimate); its
-    norm2 stays the original delta's."""
+    norm2 stays the original delta's. `where` names the file in errors."""
+    where = where or delta.info.get("file")
     if not rule.per_layer:
         raise DeltaError("convert takes a per-layer rule (--energy, --fro, --rank); for a file "
-                         "size, convert, then `deltasvd resize --size-mb`",
-                         delta.info.get("file"))
+                         "size, convert, then `deltasvd resize --size-mb`", where)
     if not any(r.kind in CODED_PARTS for r in delta.records):
         raise DeltaError(f"this is already a LoRA-format delta (codec "
                          f"{delta.info.get('codec')!r}); use resize to make it smaller",
-                         delta.info.get("file"))
+                         where)
     dt = storage_dtype(dtype)
     records, tensors, extras, spectra = [], {}, {}, {}
     for i, rec in enumerate(delta.records):

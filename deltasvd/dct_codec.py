@@ -174,6 +174,22 @@ def decode_padded(q, scales, bits, p=PATCH):
     return idct2(deq.reshape(gr * p, gc * p), p)
 
 
+def check(parts, d, k, p=PATCH):
+    """ValueError unless the stored parts have the sizes a d x k layer needs."""
+    gr, gc = grid(d, k, p)
+    n = gr * gc
+    if parts["scales"].numel() != n or parts["scales"].dtype != torch.float16:
+        raise ValueError(f"dct_scales: {parts['scales'].numel()} {parts['scales'].dtype} for "
+                         f"{n} patches")
+    bits = bitpack.unpack(parts["bits"].numpy().reshape(-1), n, BITS_FIELD)
+    if bits.max(initial=0) > MAX_BITS:
+        raise ValueError(f"dct_bits: a bit-width above {MAX_BITS}")
+    want = sum(bitpack.packed_bytes(int((bits == b).sum()) * p * p, b)
+               for b in range(1, MAX_BITS + 1))
+    if parts["codes"].numel() != want or parts["codes"].dtype != torch.uint8:
+        raise ValueError(f"dct_codes: {parts['codes'].numel()} bytes, the bit-widths need {want}")
+
+
 def decode(parts, d, k, p=PATCH):
     """The float32 d x k matrix of a layer's stored parts."""
     gr, gc = grid(d, k, p)

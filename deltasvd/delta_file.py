@@ -298,6 +298,23 @@ def _check_complete(delta, path):
         for name in names.values():
             if name not in src:
                 raise DeltaError("corrupt delta: a recorded tensor is missing", path, name)
+        if rec.kind in CODED_PARTS:
+            check_coded(rec, delta.stored(rec), path)
+
+
+def check_coded(rec, parts, path=None):
+    """DeltaError naming the file and tensor unless a coded record's parts fit its shape."""
+    d, k = rec.matrix_shape
+    try:
+        if rec.kind == "dct":
+            if rec.patch < 1:
+                raise ValueError(f"patch size {rec.patch}")
+            dct_codec.check({"codes": parts["dct_codes"], "scales": parts["dct_scales"],
+                             "bits": parts["dct_bits"]}, d, k, rec.patch)
+        else:
+            quant.check(parts, d, k)
+    except (ValueError, KeyError) as e:
+        raise DeltaError(f"corrupt {rec.kind} data ({e})", path, rec.name) from None
 
 
 def file_size(delta, host_meta):

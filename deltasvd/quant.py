@@ -99,6 +99,22 @@ def encode_factors(a, b, s, factor_bits):
     return parts, ahat.T.contiguous(), bhat
 
 
+def check(parts, d, k):
+    """ValueError unless the stored parts have the sizes a d x k layer needs."""
+    bits = parts["q_bits"].numpy().astype(np.int64).reshape(-1)
+    t = bits.size
+    if bits.size and (bits.min() < 1 or bits.max() > MAX_BITS):
+        raise ValueError(f"q_bits: bit-widths outside 1..{MAX_BITS}")
+    for side, n in (("up", d), ("down", k)):
+        if parts[side + "_scales"].numel() != t:
+            raise ValueError(f"{side}_scales: {parts[side + '_scales'].numel()} for {t} rows")
+        want = sum(bitpack.packed_bytes(int((bits == b).sum()) * n, b)
+                   for b in range(1, MAX_BITS + 1))
+        if parts[side + "_codes"].numel() != want:
+            raise ValueError(f"{side}_codes: {parts[side + '_codes'].numel()} bytes, the "
+                             f"bit-widths need {want}")
+
+
 def decode_factors(parts, d, k):
     """(A, B) float32 from the stored parts of a layer of d x k."""
     bits = parts["q_bits"].numpy().astype(np.int64)
