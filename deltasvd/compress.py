@@ -173,9 +173,8 @@ def code_dct(piece, bits):
     """Delta-DCT one matrix piece at about `bits` bits per parameter (dct_codec.py)."""
     rec = piece.rec
     m = spectrum.as_matrix(piece.data).float().cpu()
-    parts, rec.err2 = dct_codec.encode(m, bits, dct_codec.PATCH)
+    parts, rec.err2, rec.norm2 = dct_codec.encode(m, bits, dct_codec.PATCH)
     rec.kind, rec.patch = "dct", dct_codec.PATCH
-    rec.norm2 = float(m.double().pow(2).sum())
     return {"dct_" + name: t for name, t in parts.items()}, None
 
 

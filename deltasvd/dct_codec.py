@@ -28,6 +28,7 @@ layer's edge patches, which is stored like any other coefficient).
 """
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -43,6 +44,21 @@ GAUSS_STEP = {1: 1.596, 2: 0.9957, 3: 0.586, 4: 0.3352, 5: 0.1881, 6: 0.1041, 7:
               8: 0.0308}
 _FP16_MAX = 65504.0
 CHUNK = 1 << 16            # values per step of the encoder loop (patch rows): stays in cache
+
+
+@contextmanager
+def one_thread():
+    """The codec's steps are small (CHUNK values): one torch thread does them fastest. With two
+    threads on a shared 2-core machine, each small op waited on the other thread (5x slower)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def dct_matrix(p, dtype=torch.float32):
@@ -123,7 +139,13 @@ def _steps(scales, bits):
 
 def encode(m, bits_per_param, p=PATCH):
     """Code a float32 matrix at about `bits_per_param` bits per parameter (side data included).
-    Returns (parts, err2): the stored tensors and ||m - decode(parts)||_F^2 (float64 sums)."""
+    Returns (parts, err2, norm2): the stored tensors, ||m - decode(parts)||_F^2 and ||m||_F^2
+    (float64 sums)."""
+    with one_thread():
+        return _encode(m, bits_per_param, p)
+
+
+def _encode(m, bits_per_param, p):
     d, k = m.shape
     gr, gc = grid(d, k, p)
     n = gr * gc
@@ -160,7 +182,7 @@ def encode(m, bits_per_param, p=PATCH):
     parts = {"codes": torch.from_numpy(np.concatenate(streams)),
              "scales": scales,
              "bits": torch.from_numpy(bitpack.pack(bits_np.astype(np.uint8), BITS_FIELD))}
-    return parts, float(err2)
+    return parts, float(err2), float(norms.double().pow(2).sum())
 
 
 def decode_padded(q, scales, bits, p=PATCH):
@@ -192,6 +214,11 @@ def check(parts, d, k, p=PATCH):
 
 def decode(parts, d, k, p=PATCH):
     """The float32 d x k matrix of a layer's stored parts."""
+    with one_thread():
+        return _decode(parts, d, k, p)
+
+
+def _decode(parts, d, k, p):
     gr, gc = grid(d, k, p)
     n = gr * gc
     scales = parts["scales"].float().reshape(-1)

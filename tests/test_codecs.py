@@ -85,7 +85,8 @@ def test_dct_codec_error_and_bits_are_what_it_reports(shape):
     m[: d // 2] *= 10                      # louder rows: unequal patches
     errs = []
     for b in (0.5, 1, 2, 4):
-        parts, err2 = dct_codec.encode(m, b)
+        parts, err2, norm2 = dct_codec.encode(m, b)
+        assert norm2 == pytest.approx(float(m.double().pow(2).sum()), rel=1e-5)
         dec = dct_codec.decode(parts, d, k)
         true = float((m.double() - dec.double()).pow(2).sum())
         assert abs(err2 - true) <= 1e-4 * float(m.double().pow(2).sum())
@@ -104,7 +105,7 @@ def test_dct_codec_error_and_bits_are_what_it_reports(shape):
 
 def test_dct_at_one_bit_is_near_a_gaussian_one_bit_quantizer():
     m = torch.randn(512, 512, generator=rng(4))
-    parts, err2 = dct_codec.encode(m, 1.0)
+    parts, err2, _ = dct_codec.encode(m, 1.0)
     rel = math.sqrt(err2 / float(m.double().pow(2).sum()))
     # 1 bit per coefficient on a Gaussian: distortion 1 - 2/pi (0.60 relative); side data
     # takes 0.08 bits, so a few patches get 0 bits
