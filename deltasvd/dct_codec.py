@@ -18,7 +18,8 @@ cut into P x P patches (P = 16). Per patch:
 
 Stored per layer (every bit counted in the file size, so in the reported bits per parameter):
 
-* `dct_scales`  float16 (n_patches,)  sigma of each patch, row-major patch order;
+* `dct_scales`  bfloat16 (n_patches,)  sigma of each patch, row-major patch order (bfloat16:
+  a fine-tune's small patches would be subnormal or zero in float16);
 * `dct_bits`    uint8, n_patches 4-bit fields (bitpack): each patch's bit-width;
 * `dct_codes`   uint8: for b = 1..8, the codes of the patches of width b, in patch order, each
   patch's P*P codes row-major as b-bit fields, each width's stream padded to a whole byte.
@@ -38,11 +39,11 @@ from . import bitpack
 PATCH = 16
 MAX_BITS = 8
 BITS_FIELD = 4            # width of each patch's bit-width field in `dct_bits`
-SCALE_BITS = 16           # float16 sigma per patch
+SCALE_BITS = 16           # bfloat16 sigma per patch
+SCALE_DTYPE = torch.bfloat16
 # Step of the optimal uniform quantizer of a unit Gaussian with 2^b levels (Max, 1960).
 GAUSS_STEP = {1: 1.596, 2: 0.9957, 3: 0.586, 4: 0.3352, 5: 0.1881, 6: 0.1041, 7: 0.0569,
               8: 0.0308}
-_FP16_MAX = 65504.0
 CHUNK = 1 << 16            # values per step of the encoder loop (patch rows): stays in cache
 
 
@@ -151,7 +152,7 @@ def _encode(m, bits_per_param, p):
     n = gr * gc
     x = _padded(m.float(), p)
     norms = torch.linalg.vector_norm(x.reshape(gr, p, gc, p), dim=(1, 3)).reshape(-1)
-    scales = (norms / p).clamp(max=_FP16_MAX).to(torch.float16)
+    scales = (norms / p).to(SCALE_DTYPE)
     budget = bits_per_param * d * k - side_bits(n)
     bits = torch.from_numpy(allocate_bits(scales.double().numpy(), budget, p * p))
     bits = torch.where(scales > 0, bits, torch.zeros_like(bits))
@@ -200,7 +201,7 @@ def check(parts, d, k, p=PATCH):
     """ValueError unless the stored parts have the sizes a d x k layer needs."""
     gr, gc = grid(d, k, p)
     n = gr * gc
-    if parts["scales"].numel() != n or parts["scales"].dtype != torch.float16:
+    if parts["scales"].numel() != n or parts["scales"].dtype != SCALE_DTYPE:
         raise ValueError(f"dct_scales: {parts['scales'].numel()} {parts['scales'].dtype} for "
                          f"{n} patches")
     bits = bitpack.unpack(parts["bits"].numpy().reshape(-1), n, BITS_FIELD)

@@ -6,14 +6,19 @@ for `--factor-bits F`. A component's share of the error is about s_i 2^-b_i, so 
 s_i saves one bit (reverse water-filling: equal error per component), down to F - SPREAD bits.
 With F = 8 the tail keeps 4 bits: a long, heavy tail at 2 bits would carry most of the error.
 
-Each row (a column of A, a row of B) is quantized with its own float16 scale m = max |row|:
-uniform mid-rise levels over [-m, m], L = 2^b of them, step = 2m / (L - 1),
-q = clamp(round(x / step + (L - 1) / 2), 0, L - 1), decoded as (q - (L - 1) / 2) * step.
+Each row (a column of A, a row of B) is quantized with its own bfloat16 step h: a uniform
+mid-rise quantizer of L = 2^b levels, q = clamp(floor(x / h) + L/2, 0, L - 1), decoded as
+(q - L/2 + 1/2) h. The step is chosen per row, among STEP_CANDIDATES steps spaced
+geometrically from the Gaussian-optimal step for b bits (Max 1960) times the row's RMS (which
+clips the largest values) up to 2 max|row| / L (which clips nothing), as the one with the least
+squared error on that row: heavy-tailed singular vectors keep their peaks, Gaussian-like ones
+get the finer step.
 
 Stored per layer (all counted in the file size):
 
 * `q_bits`      uint8 (t,)    each component's bit-width;
-* `up_scales`   float16 (t,)  and `down_scales` float16 (t,);
+* `up_scales`   bfloat16 (t,) and `down_scales` bfloat16 (t,): each row's step h (bfloat16:
+  the columns of A of a small delta's tail are far below float16's normal range);
 * `up_codes`    uint8: for b = 8 down to 1, the components of width b in order, each column of
   A as d b-bit fields (bitpack), each width's stream padded to a whole byte;
 * `down_codes`  uint8: the same for the rows of B (k fields each).
@@ -27,7 +32,6 @@ from . import bitpack
 MIN_BITS = 2
 MAX_BITS = 8
 SPREAD = 4      # the tail gets at most this many bits fewer than the leading components
-_FP16_MAX = 65504.0
 
 
 def component_bits(s, factor_bits, min_bits=None):
@@ -43,29 +47,50 @@ def component_bits(s, factor_bits, min_bits=None):
     return np.clip(factor_bits + drop, lo, factor_bits).astype(np.int64)
 
 
-def _levels(bits):
-    return (2.0 ** torch.as_tensor(bits, dtype=torch.float64)).float()
+# Step of the optimal uniform quantizer of a unit Gaussian with 2^b levels (Max, 1960).
+GAUSS_STEP = {1: 1.596, 2: 0.9957, 3: 0.586, 4: 0.3352, 5: 0.1881, 6: 0.1041, 7: 0.0569,
+              8: 0.0308}
+STEP_CANDIDATES = 8
+STEP_DTYPE = torch.bfloat16   # the range of float32 (A's columns can be tiny), 16 bits
+_TINY = 1e-30
+
+
+def _quantize(x, step, half):
+    """Codes and values of x (t x n) with per-row step (t x 1) and L/2 = half (t x 1)."""
+    q = torch.clamp(torch.floor(x / step) + half, min=torch.zeros(()), max=2 * half - 1)
+    return q, (q - half + 0.5) * step
 
 
 def quantize_rows(x, bits):
-    """x (t x n) float32, bits (t,) ints -> (codes uint8 stream, float16 scales, float32 x^)."""
+    """x (t x n) float32, bits (t,) ints -> (codes uint8 stream, bfloat16 steps, float32 x^)."""
     x = x.float()
     t, n = x.shape
-    scales = x.abs().amax(dim=1).clamp(max=_FP16_MAX).to(torch.float16) if n else \
-        torch.zeros(t, dtype=torch.float16)
-    top = (_levels(bits) - 1).reshape(t, 1)
-    step = torch.where(scales > 0, 2 * scales.float(), torch.ones(())).reshape(t, 1) / top
-    q = torch.clamp(torch.round(x / step + top / 2), min=torch.zeros(()), max=top)
-    xhat = (q - top / 2) * step
-    xhat = torch.where((scales > 0).reshape(t, 1), xhat, torch.zeros(()))
+    bits = np.asarray(bits, dtype=np.int64)
+    half = torch.from_numpy(2.0 ** (bits - 1)).float().reshape(t, 1)
+    if n == 0 or t == 0:
+        return np.zeros(0, dtype=np.uint8), torch.zeros(t, dtype=STEP_DTYPE), x.clone()
+    rms = x.pow(2).mean(dim=1, keepdim=True).sqrt()
+    top = x.abs().amax(dim=1, keepdim=True) / half                    # clips nothing
+    gauss = torch.tensor([GAUSS_STEP[int(b)] for b in bits]).reshape(t, 1) * rms
+    lo = torch.minimum(gauss, top).clamp(min=_TINY)
+    hi = top.clamp(min=_TINY)
+    best_err = torch.full((t, 1), float("inf"))
+    best = hi.clone()
+    for i in range(STEP_CANDIDATES):
+        step = (lo * (hi / lo) ** (i / (STEP_CANDIDATES - 1))).to(STEP_DTYPE).float()
+        _, xh = _quantize(x, step, half)
+        err = (x - xh).pow(2).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, step, best)
+    q, xhat = _quantize(x, best, half)
     codes = q.to(torch.uint8).numpy()
-    bits = np.asarray(bits)
     stream = np.concatenate([bitpack.pack(codes[bits == b], b)
                              for b in range(MAX_BITS, 0, -1)])
-    return stream, scales, xhat
+    return stream, best.reshape(t).to(STEP_DTYPE), xhat
 
 
-def dequantize_rows(stream, scales, bits, n):
+def dequantize_rows(stream, steps, bits, n):
     """Inverse of `quantize_rows`: float32 (t x n)."""
     bits = np.asarray(bits, dtype=np.int64)
     t = bits.size
@@ -79,11 +104,8 @@ def dequantize_rows(stream, scales, bits, n):
         offset += size
     if offset != stream.size:
         raise ValueError(f"{stream.size} bytes of factor codes, the bit-widths describe {offset}")
-    top = (_levels(bits) - 1).reshape(t, 1)
-    scales = scales.float().reshape(t)
-    step = torch.where(scales > 0, 2 * scales, torch.ones(())).reshape(t, 1) / top
-    xhat = (torch.from_numpy(q).float() - top / 2) * step
-    return torch.where((scales > 0).reshape(t, 1), xhat, torch.zeros(()))
+    half = torch.from_numpy(2.0 ** (bits - 1)).float().reshape(t, 1)
+    return (torch.from_numpy(q).float() - half + 0.5) * steps.float().reshape(t, 1)
 
 
 def encode_factors(a, b, s, factor_bits):
