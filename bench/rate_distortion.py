@@ -148,6 +148,22 @@ def analyse(m, x):
     return dec, y, y2, np.cumsum(proj)
 
 
+def prefix_err2(m, a, b, norm2):
+    """||m - a[:, :r] b[:r]||^2 for every r (float64), from one product m b^T:
+    ||m||^2 - 2 sum_{i<r} a_i^T m b_i + sum_{i,j<r} (a_i^T a_j)(b_i^T b_j)."""
+    c = (a.double() * (m @ b.T).double()).sum(dim=0)
+    g = (a.double().T @ a.double()) * (b.double() @ b.double().T)
+    r = g.shape[0]
+    quad = torch.zeros(r + 1, dtype=torch.float64)
+    # sum over the leading r x r block: add row/column r-1 at each step
+    rows = torch.cumsum(torch.tril(g), dim=1)            # rows[i, j] = sum_{l<=j, l<=i} g[i, l]
+    diag_block = torch.cumsum(2 * rows.diagonal() - g.diagonal(), dim=0)
+    quad[1:] = diag_block
+    lin = torch.zeros(r + 1, dtype=torch.float64)
+    lin[1:] = torch.cumsum(c, dim=0)
+    return (norm2 - 2 * lin + quad).clamp(min=0).numpy()
+
+
 def out_rel(y, residual_x):
     den = float(y.double().pow(2).sum())
     return math.sqrt(float(residual_x.double().pow(2).sum()) / den) if den > 0 else 0.0
@@ -201,27 +217,40 @@ def run(base_path, tuned_path, samples, log):
                 a, b = spectrum.factors(dec, m, n)
                 layer.extra_parts = {"a": a.to(FP16), "b": b.to(FP16), "dense": m.to(FP16)}
             layers.append(layer)
-            # quantized factors: the rank of the energy rule, then quantize and measure
-            ranks = {}
-            for f, t in QSVD:
-                rule = RankRule("energy", t)
-                ranks[(f, t)] = rule.clamp(rule.raw_rank(dec.s), n)
-            tmax = max((r for r in ranks.values() if not is_dense(r, d, k)), default=0)
-            fa, fb = spectrum.factors(dec, m, tmax) if tmax else (None, None)
-            for (f, t), r in ranks.items():
-                st = settings[("qsvd", f, t)]
-                if is_dense(r, d, k):
-                    q, parts = svd_record(layer, r)
+            # quantized factors: the rank of the energy rule, then quantize and measure. A row's
+            # codes depend on its own values and bit-width only, so the codes of rank r are the
+            # first r rows of those of the largest rank: quantize once per bit-width F.
+            for f in sorted({f for f, _ in QSVD}):
+                ranks = {}
+                for ff, t in QSVD:
+                    if ff == f:
+                        rule = RankRule("energy", t)
+                        ranks[t] = rule.clamp(rule.raw_rank(dec.s), n)
+                tmax = max((r for r in ranks.values() if not is_dense(r, d, k)), default=0)
+                if tmax:
+                    fa, fb = spectrum.factors(dec, m, tmax)
+                    bits = quant.component_bits(dec.s[:tmax], f)
+                    _, ah, bh = quant.encode_factors(fa, fb, dec.s[:tmax], f)
+                    err2s = prefix_err2(m, ah, bh, dec.fro2)
+                    bx = bh @ x
+                for t, r in ranks.items():
+                    st = settings[("qsvd", f, t)]
+                    if is_dense(r, d, k):
+                        q, parts = svd_record(layer, r)
+                        st.add(q, parts, dec.s)
+                        st.out_rel.append(0.0)
+                        continue
+                    q = replace(rec, kind="qsvd", rank=r, n=n, sum_s=float(dec.s.sum()),
+                                sum_s2=float((dec.s ** 2).sum()), norm2=dec.fro2,
+                                err2=float(err2s[r]))
+                    parts = {"q_bits": torch.empty(r, dtype=torch.uint8, device="meta")}
+                    for side, size in (("up", d), ("down", k)):
+                        parts[side + "_codes"] = torch.empty(
+                            quant.code_bytes(bits[:r], size), dtype=torch.uint8, device="meta")
+                        parts[side + "_scales"] = torch.empty(r, dtype=quant.STEP_DTYPE,
+                                                              device="meta")
                     st.add(q, parts, dec.s)
-                    st.out_rel.append(0.0)
-                    continue
-                parts, ah, bh = quant.encode_factors(fa[:, :r], fb[:r], dec.s[:r], f)
-                q = replace(rec, kind="qsvd", rank=r, n=n, sum_s=float(dec.s.sum()),
-                            sum_s2=float((dec.s ** 2).sum()), norm2=dec.fro2)
-                q.err2 = float((m - ah @ bh).double().pow(2).sum())
-                st.add(q, parts, dec.s)
-                st.out_rel.append(out_rel(y, y - ah @ (bh @ x)))
-            del fa, fb
+                    st.out_rel.append(out_rel(y, y - ah[:, :r] @ bx[:r]))
             # Delta-DCT
             for b in DCT:
                 st = settings[("dct", b)]

@@ -121,6 +121,12 @@ def encode_factors(a, b, s, factor_bits):
     return parts, ahat.T.contiguous(), bhat
 
 
+def code_bytes(bits, n):
+    """Bytes of the code stream of rows of n values with these bit-widths."""
+    bits = np.asarray(bits)
+    return sum(bitpack.packed_bytes(int((bits == b).sum()) * n, b) for b in range(1, MAX_BITS + 1))
+
+
 def check(parts, d, k):
     """ValueError unless the stored parts have the sizes a d x k layer needs."""
     bits = parts["q_bits"].numpy().astype(np.int64).reshape(-1)
@@ -130,8 +136,7 @@ def check(parts, d, k):
     for side, n in (("up", d), ("down", k)):
         if parts[side + "_scales"].numel() != t:
             raise ValueError(f"{side}_scales: {parts[side + '_scales'].numel()} for {t} rows")
-        want = sum(bitpack.packed_bytes(int((bits == b).sum()) * n, b)
-                   for b in range(1, MAX_BITS + 1))
+        want = code_bytes(bits, n)
         if parts[side + "_codes"].numel() != want:
             raise ValueError(f"{side}_codes: {parts[side + '_codes'].numel()} bytes, the "
                              f"bit-widths need {want}")
