@@ -350,6 +350,55 @@ def test_apply_refuses_other_family_and_reports_unmatched(host, pair, made, Delt
     assert result(out)[1] is None
 
 
+@pytest.mark.parametrize("codec", ["dct", "qsvd"])
+def test_apply_coded_delta_equals_loraloader_on_its_decoded_file(host, pair, codec, tmp_path,
+                                                                 DeltaError):
+    """A Delta-DCT or quantized-factor file (not LoRA-loadable): saved and loaded by the nodes,
+    Apply patches exactly what LoraLoader patches from the decoded LoRA-format file, plus the
+    extras, equal to base + strength * the decoded delta; Resize and Spectrum refuse it."""
+    from deltasvd.api import compress_to_delta, make_codec, make_rule, save_delta
+    from deltasvd.delta_file import decoded_delta
+    c = make_codec("dct", bits=2) if codec == "dct" else make_codec("svd", factor_bits=8)
+    made_delta, _, _ = compress_to_delta(pair.base_path, pair.tuned_path,
+                                         make_rule("energy", 0.5), codec=c)
+    host.node("DeltaSVDSave").save(made_delta, f"deltas/coded_{codec}")
+    delta, info = result(host.node("DeltaSVDLoad").load(f"deltas/coded_{codec}.safetensors"))
+    assert f"codec     {codec}" in info and "not LoRA-loadable" in info
+    assert any(r.kind == codec for r in delta.records)
+    base_model, base_clip = pair.base_model, pair.base_clip
+    out = host.node("DeltaSVDApply").apply(base_model, delta, 0.7, base_clip, 1.3)
+    model, clip = result(out)
+    text = out["ui"]["text"][0]
+    assert "NOT APPLIED" not in text and "applied 2 extras" in text
+
+    path = tmp_path / "decoded.safetensors"
+    save_delta(decoded_delta(delta), path)
+    lora = host.comfy.utils.load_torch_file(str(path), safe_load=True)
+    ref_model, ref_clip = host.comfy.sd.load_lora_for_models(base_model, base_clip, lora, 0.7,
+                                                             1.3)
+    ours = {**model.patches, **clip.patcher.patches}
+    ref = {**ref_model.patches, **ref_clip.patcher.patches}
+    assert len(ref) > 10 and set(ref) <= set(ours)
+    states = {**base_model.model.state_dict(), **base_clip.cond_stage_model.state_dict()}
+    calc = host.comfy.lora.calculate_weight
+    for key, patches in ref.items():
+        w = states[key].float()
+        assert torch.equal(calc(ours[key], w.clone(), key), calc(patches, w.clone(), key)), key
+    # one UNet weight against the core's decoder (deltasvd apply's path)
+    by_key = records_by_key(delta)
+    ck = next(k for k, recs in by_key.items() if recs[0].kind == codec and
+              k.startswith("model.diffusion_model."))
+    hk = "diffusion_model." + ck[len("model.diffusion_model."):]
+    w = states[hk].float()
+    want = w + 0.7 * delta_for(delta, by_key[ck], list(w.shape))
+    got = calc(ours[hk], w.clone(), hk)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), hk
+    with pytest.raises(DeltaError, match=f"coded \\({codec}\\)"):
+        host.node("DeltaSVDResize").resize(delta, "energy", 0.3)
+    with pytest.raises(DeltaError, match="convert it first"):
+        host.node("DeltaSVDSpectrum").plot(delta, 800, 480)
+
+
 # ---------------------------------------------------------------------------------------------
 # Files, resize, spectrum
 
