@@ -288,6 +288,28 @@ def test_compress_files_node(host, pair, made_files):
 # Apply
 
 
+def same_as_loraloader(host, pair, model, clip, path, strength_model, strength_clip):
+    """Apply's patches (on `model`, `clip`) give exactly Load LoRA's weights for the file at
+    `path`, and the only patches Load LoRA lacks are the two extras. Returns (our patches, the
+    base weights, calculate_weight)."""
+    lora = host.comfy.utils.load_torch_file(str(path), safe_load=True)
+    ref_model, ref_clip = host.comfy.sd.load_lora_for_models(
+        pair.base_model, pair.base_clip, lora, strength_model, strength_clip)
+    ours = {**model.patches, **clip.patcher.patches}
+    ref = {**ref_model.patches, **ref_clip.patcher.patches}
+    extras = {k: v for k, v in ours.items() if k not in ref}
+    assert sorted(extras) == ["clip_l.transformer.text_model.embeddings.token_embedding.weight",
+                              "clip_l.transformer.text_model.final_layer_norm.weight"]
+    assert len(ref) > 10
+    states = {**pair.base_model.model.state_dict(),
+              **pair.base_clip.cond_stage_model.state_dict()}
+    calc = host.comfy.lora.calculate_weight
+    for key, patches in ref.items():
+        w = states[key].float()
+        assert torch.equal(calc(ours[key], w.clone(), key), calc(patches, w.clone(), key)), key
+    return ours, states, calc
+
+
 def test_apply_equals_loraloader_plus_extras(host, pair, made, tmp_path):
     delta = result(made)[0]
     base_model, base_clip = pair.base_model, pair.base_clip
@@ -299,23 +321,10 @@ def test_apply_equals_loraloader_plus_extras(host, pair, made, tmp_path):
     text = out["ui"]["text"][0]
     assert "NOT APPLIED" not in text and "applied 2 extras" in text
 
-    path = tmp_path / "d.safetensors"
     from deltasvd.api import save_delta
+    path = tmp_path / "d.safetensors"
     save_delta(delta, path)
-    lora = host.comfy.utils.load_torch_file(str(path), safe_load=True)
-    ref_model, ref_clip = host.comfy.sd.load_lora_for_models(base_model, base_clip, lora, 0.8,
-                                                             1.2)
-    ours = {**model.patches, **clip.patcher.patches}
-    ref = {**ref_model.patches, **ref_clip.patcher.patches}
-    extras = {k: v for k, v in ours.items() if k not in ref}
-    assert sorted(extras) == ["clip_l.transformer.text_model.embeddings.token_embedding.weight",
-                              "clip_l.transformer.text_model.final_layer_norm.weight"]
-    assert len(ref) > 10
-    states = {**base_model.model.state_dict(), **base_clip.cond_stage_model.state_dict()}
-    calc = host.comfy.lora.calculate_weight
-    for key, patches in ref.items():
-        w = states[key].float()
-        assert torch.equal(calc(ours[key], w.clone(), key), calc(patches, w.clone(), key)), key
+    ours, states, calc = same_as_loraloader(host, pair, model, clip, path, 0.8, 1.2)
     # the extras: base + strength * delta
     by_key = records_by_key(delta)
     for key, ck in (("clip_l.transformer.text_model.final_layer_norm.weight",
@@ -373,17 +382,7 @@ def test_apply_coded_delta_equals_loraloader_on_its_decoded_file(host, pair, cod
 
     path = tmp_path / "decoded.safetensors"
     save_delta(decoded_delta(delta), path)
-    lora = host.comfy.utils.load_torch_file(str(path), safe_load=True)
-    ref_model, ref_clip = host.comfy.sd.load_lora_for_models(base_model, base_clip, lora, 0.7,
-                                                             1.3)
-    ours = {**model.patches, **clip.patcher.patches}
-    ref = {**ref_model.patches, **ref_clip.patcher.patches}
-    assert len(ref) > 10 and set(ref) <= set(ours)
-    states = {**base_model.model.state_dict(), **base_clip.cond_stage_model.state_dict()}
-    calc = host.comfy.lora.calculate_weight
-    for key, patches in ref.items():
-        w = states[key].float()
-        assert torch.equal(calc(ours[key], w.clone(), key), calc(patches, w.clone(), key)), key
+    ours, states, calc = same_as_loraloader(host, pair, model, clip, path, 0.7, 1.3)
     # one UNet weight against the core's decoder (deltasvd apply's path)
     by_key = records_by_key(delta)
     ck = next(k for k, recs in by_key.items() if recs[0].kind == codec and
