@@ -40,7 +40,7 @@ import torch
 
 from . import dct_codec, quant
 from .errors import DeltaError
-from .safetensors_io import SafeTensorsFile, write_tensors
+from .safetensors_io import HEADER_LIMIT, SafeTensorsFile, write_tensors
 
 FORMAT = "deltasvd"
 VERSION = "1"
@@ -223,6 +223,12 @@ def encode_metadata(delta):
 def write_delta(path, delta, host_metadata_fn, overwrite=False, inputs=()):
     """Write atomically. `host_metadata_fn(data_sha256)` adds ss_*/modelspec.* keys."""
     meta = encode_metadata(delta)
+    header = sum(len(k) + len(v) for k, v in meta.items())
+    if header > HEADER_LIMIT - (1 << 20):
+        raise DeltaError(f"the metadata would take {header / 1e6:.0f} MB of the header, over "
+                         f"safetensors' {HEADER_LIMIT / 1e6:.0f} MB limit (the extras blob: "
+                         f"{len(meta.get('deltasvd.extras', '')) / 1e6:.0f} MB); use a smaller "
+                         "threshold (or a coded file, whose extras are tensors)", path)
 
     def metadata(data_hash):
         m = dict(meta)

@@ -290,3 +290,15 @@ def test_unknown_codec_and_corrupt_coded_files_name_the_file(pair, tmp_path, cap
     expect_failure(("apply", base, tmp_path / "short.safetensors", "-o",
                     tmp_path / "m.safetensors"), tmp_path, capsys, "short.safetensors",
                    name[: -len(".dct_codes")])
+
+
+def test_a_header_over_the_safetensors_limit_is_refused_before_writing(pair, tmp_path, capsys,
+                                                                       monkeypatch):
+    """Dense extras (e.g. a DCT-decoded token embedding converted at a high threshold) go into
+    the header's extras blob; past safetensors' 100 MB header limit no reader could open it."""
+    import deltasvd.delta_file as delta_file
+    base, tuned = pair
+    monkeypatch.setattr(delta_file, "HEADER_LIMIT", (1 << 20) + 1000)
+    expect_failure(("compress", base, tuned, "-o", tmp_path / "d.safetensors", "--energy", "1",
+                    "--dtype", "fp32"), tmp_path, capsys, "d.safetensors", "header",
+                   "limit", "extras blob")
