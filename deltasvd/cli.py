@@ -42,24 +42,25 @@ def _rule(args):
     return None
 
 
-def _codec(args):
-    """(rule, codec) of `compress`: svd needs a rule, dct a --bits budget and no rule."""
-    from .compress import Codec
-    rule = _rule(args)
+def codec_problem(args):
+    """Why the options of `compress` do not name one codec setting, or None: svd needs a rank
+    rule, dct a --bits budget and no rule."""
+    has_rule = any(getattr(args, attr) is not None for _, attr in RULE_OPTIONS)
     if args.codec == "dct":
         if args.bits is None:
-            raise UsageError("--codec dct needs --bits B (bits per parameter, e.g. 1)")
-        if rule is not None or args.factor_bits is not None:
-            raise UsageError("--codec dct takes --bits only (no rank rule, no --factor-bits)")
-    else:
-        if rule is None:
-            raise UsageError("--codec svd needs one of --energy, --fro, --rank, --size-mb")
-        if args.bits is not None:
-            raise UsageError("--bits is for --codec dct; quantized factors: --factor-bits")
-    try:
-        return rule, Codec(args.codec, args.bits, args.factor_bits)
-    except DeltaError as e:
-        raise UsageError(str(e)) from None
+            return "--codec dct needs --bits B (bits per parameter, e.g. 1)"
+        if has_rule or args.factor_bits is not None:
+            return "--codec dct takes --bits only (no rank rule, no --factor-bits)"
+        if not 0 < args.bits <= 8:
+            return "--bits must lie in (0, 8]"
+        return None
+    if not has_rule:
+        return "--codec svd needs one of --energy, --fro, --rank, --size-mb"
+    if args.bits is not None:
+        return "--bits is for --codec dct; quantized factors: --factor-bits"
+    if args.factor_bits is not None and not 1 <= args.factor_bits <= 8:
+        return "--factor-bits must lie in 1..8"
+    return None
 
 
 def build_parser():
@@ -157,7 +158,8 @@ def _device(name):
 
 def cmd_compress(args):
     from .api import compress_files
-    rule, codec = _codec(args)
+    from .compress import Codec
+    rule, codec = _rule(args), Codec(args.codec, args.bits, args.factor_bits)
     progress, close = _progress_bar()
     try:
         _, summary = compress_files(args.base, args.tuned, args.output, rule, args.dtype,
@@ -220,7 +222,10 @@ COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "apply": cmd_apply
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compress" and codec_problem(args):
+        parser.error(codec_problem(args))      # exit 2, like argparse's own checks
     try:
         COMMANDS[args.command](args)
     except UsageError as e:
