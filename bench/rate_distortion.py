@@ -378,7 +378,7 @@ def plot(rows, path):
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7.5, loc="lower left")
+    axes[1].legend(fontsize=7.5, loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
 
@@ -403,7 +403,13 @@ def main():
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "rate_distortion"))
     p.add_argument("--samples", type=int, default=16, help="random inputs per layer")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--replot", action="store_true",
+                   help="only draw the PNG again from --out's results.json")
     args = p.parse_args()
+    if args.replot:
+        rows = json.loads(Path(args.out, "results.json").read_text())["rows"]
+        plot(rows, Path(args.out, "rate_distortion.png"))
+        return
     if bool(args.base) != bool(args.tuned):
         p.error("--base and --tuned go together")
     base, tuned = (args.base, args.tuned) if args.base else ensure_pair(args.data)
