@@ -35,15 +35,13 @@ import numpy as np
 import torch
 
 from . import bitpack
+from .quant import GAUSS_STEP   # Max's Gaussian-optimal uniform steps, per bit-width
 
 PATCH = 16
 MAX_BITS = 8
 BITS_FIELD = 4            # width of each patch's bit-width field in `dct_bits`
 SCALE_BITS = 16           # bfloat16 sigma per patch
 SCALE_DTYPE = torch.bfloat16
-# Step of the optimal uniform quantizer of a unit Gaussian with 2^b levels (Max, 1960).
-GAUSS_STEP = {1: 1.596, 2: 0.9957, 3: 0.586, 4: 0.3352, 5: 0.1881, 6: 0.1041, 7: 0.0569,
-              8: 0.0308}
 CHUNK = 1 << 16            # values per step of the encoder loop (patch rows): stays in cache
 
 
