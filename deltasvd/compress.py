@@ -215,14 +215,8 @@ class Codec:
             raise DeltaError(f"factor bits must lie in 1..{quant.MAX_BITS}")
         self.name, self.bits, self.factor_bits = name, bits, factor_bits
 
-    @property
-    def file_codec(self):
-        """The file's deltasvd.codec."""
-        if self.name == "dct":
-            return "dct"
-        return "qsvd" if self.factor_bits else "svd"
-
     def info(self):
+        """The file's deltasvd.codec ("svd", "qsvd" with factor bits, "dct") and its setting."""
         if self.name == "dct":
             return {"codec": "dct", "bits": _fmt(self.bits), "patch": dct_codec.PATCH}
         if self.factor_bits:
