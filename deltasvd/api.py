@@ -2,8 +2,10 @@
 
 import os
 
-from .compress import Compressor, trim_to_size
-from .delta_file import file_size, read_delta, write_delta
+from .compress import Codec, Compressor, trim_to_size
+from .convert import to_lora
+from .delta_file import file_size, is_coded, read_delta, write_delta
+from .errors import DeltaError
 from .host_metadata import host_metadata
 from .ranks import RankRule
 from .resize import resize, resize_to_size
@@ -22,9 +24,10 @@ def host_meta_fn(delta, name):
 
 
 def compress_to_delta(base, tuned, rule, dtype="fp16", device="cpu", progress=None,
-                      allow_pickle=False, name="delta"):
-    """Compress in memory. Returns (delta, counts, tuned_bytes); size mode is fitted exactly."""
-    delta, counts, tuned_bytes = Compressor(rule, dtype, device, progress).run(
+                      allow_pickle=False, name="delta", codec=None):
+    """Compress in memory. Returns (delta, counts, tuned_bytes); size mode is fitted exactly.
+    `codec`: a compress.Codec (default: plain SVD factors)."""
+    delta, counts, tuned_bytes = Compressor(rule, dtype, device, progress, codec).run(
         base, tuned, allow_pickle)
     delta.info["tuned_bytes"] = tuned_bytes
     fit_size(delta, rule, name)
@@ -43,7 +46,7 @@ def analyse_pair(base, tuned, dtype="fp16", device="cpu", progress=None, allow_p
 
 def fit_size(delta, rule, name):
     """Size mode: trim the coded delta until its file, named `name`, fits the budget exactly."""
-    if rule.mode == "size_mb":
+    if rule is not None and rule.mode == "size_mb":
         trim_to_size(delta, rule.value * 2**20, lambda d: file_size(d, host_meta_fn(d, name)))
 
 
@@ -55,25 +58,41 @@ def save_delta(delta, path, overwrite=False, inputs=()):
 
 
 def compress_files(base, tuned, out, rule, dtype="fp16", device="cpu", overwrite=False,
-                   allow_pickle=False, progress=None):
+                   allow_pickle=False, progress=None, codec=None):
     """base + tuned checkpoints -> delta file. Returns (delta, summary text)."""
     check_output_path(out, overwrite, (base, tuned))  # fail before minutes of work, not after
     delta, counts, tuned_bytes = compress_to_delta(base, tuned, rule, dtype, device, progress,
-                                                   allow_pickle, output_name(out))
+                                                   allow_pickle, output_name(out), codec)
     size = save_delta(delta, out, overwrite=overwrite, inputs=(base, tuned))
     return delta, compress_summary(delta, counts, size, tuned_bytes)
 
 
-def resize_delta(delta, rule, name="delta"):
+def resize_delta(delta, rule, name="delta", where=None):
+    if is_coded(delta):
+        raise DeltaError(f"resize cuts LoRA-format (svd) deltas; this one is coded "
+                         f"({delta.info.get('codec')}): compress again, or `deltasvd convert` "
+                         "it to a LoRA-format file first", where or delta.info.get("file"))
     if rule.mode == "size_mb":
         return resize_to_size(delta, rule, lambda d: file_size(d, host_meta_fn(d, name)))
     return resize(delta, rule)
 
 
 def resize_file(src, out, rule, overwrite=False):
-    delta = resize_delta(read_delta(src), rule, output_name(out))
+    delta = resize_delta(read_delta(src), rule, output_name(out), where=src)
     size = save_delta(delta, out, overwrite=overwrite, inputs=(src,))
     return delta, size
+
+
+def convert_file(src, out, rule, dtype="fp16", device="cpu", overwrite=False, progress=None):
+    """A qsvd / dct delta file -> a LoRA-format delta file (decode, then factor again)."""
+    check_output_path(out, overwrite, (src,))
+    delta = to_lora(read_delta(src), rule, dtype, device, progress, where=src)
+    size = save_delta(delta, out, overwrite=overwrite, inputs=(src,))
+    return delta, size
+
+
+def make_codec(name="svd", bits=None, factor_bits=None):
+    return Codec(name, bits, factor_bits)
 
 
 def make_rule(mode, value, min_rank=1, max_rank=None):

@@ -17,8 +17,8 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _add_rule_args(p, default_energy=None):
-    g = p.add_mutually_exclusive_group(required=default_energy is None)
+def _add_rule_args(p, required=True):
+    g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--energy", type=float, metavar="T",
                    help="smallest rank with sum(s[:t]) / sum(s) >= T (the paper's rule), 0<T<=1")
     g.add_argument("--fro", type=float, metavar="F",
@@ -30,14 +30,37 @@ def _add_rule_args(p, default_energy=None):
     p.add_argument("--max-rank", type=int, default=None, help="upper clamp on every rank")
 
 
-def _rule(args, default_energy=None):
+RULE_OPTIONS = (("energy", "energy"), ("fro", "fro"), ("rank", "rank"), ("size_mb", "size_mb"))
+
+
+def _rule(args):
     from .ranks import RankRule
-    for mode, attr in (("energy", "energy"), ("fro", "fro"), ("rank", "rank"),
-                       ("size_mb", "size_mb")):
+    for mode, attr in RULE_OPTIONS:
         value = getattr(args, attr)
         if value is not None:
             return RankRule(mode, value, args.min_rank, args.max_rank)
-    return RankRule("energy", default_energy, args.min_rank, args.max_rank)
+    return None
+
+
+def codec_problem(args):
+    """Why the options of `compress` do not name one codec setting, or None: svd needs a rank
+    rule, dct a --bits budget and no rule."""
+    has_rule = any(getattr(args, attr) is not None for _, attr in RULE_OPTIONS)
+    if args.codec == "dct":
+        if args.bits is None:
+            return "--codec dct needs --bits B (bits per parameter, e.g. 1)"
+        if has_rule or args.factor_bits is not None:
+            return "--codec dct takes --bits only (no rank rule, no --factor-bits)"
+        if not 0 < args.bits <= 8:
+            return "--bits must lie in (0, 8]"
+        return None
+    if not has_rule:
+        return "--codec svd needs one of --energy, --fro, --rank, --size-mb"
+    if args.bits is not None:
+        return "--bits is for --codec dct; quantized factors: --factor-bits"
+    if args.factor_bits is not None and not 1 <= args.factor_bits <= 8:
+        return "--factor-bits must lie in 1..8"
+    return None
 
 
 def build_parser():
@@ -50,7 +73,14 @@ def build_parser():
     c.add_argument("base")
     c.add_argument("tuned")
     c.add_argument("-o", "--output", required=True)
-    _add_rule_args(c)
+    _add_rule_args(c, required=False)
+    c.add_argument("--codec", default="svd", choices=["svd", "dct"],
+                   help="svd (default: LoRA-format factors) or dct (Delta-DCT, needs --bits)")
+    c.add_argument("--bits", type=float, metavar="B",
+                   help="dct: bits per parameter, side data included (e.g. 0.5 .. 4)")
+    c.add_argument("--factor-bits", type=int, metavar="F",
+                   help="svd: quantize the factors, F bits (1..8) for the leading singular "
+                        "vectors, fewer for the tail (not LoRA-loadable; see convert)")
     c.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="storage dtype of the factors (default fp16)")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -76,6 +106,15 @@ def build_parser():
     r.add_argument("-o", "--output", required=True)
     _add_rule_args(r)
     r.add_argument("--overwrite", action="store_true")
+
+    v = sub.add_parser("convert", help="a qsvd / dct delta -> a LoRA-format delta file "
+                       "(decode, then factor again)")
+    v.add_argument("delta")
+    v.add_argument("-o", "--output", required=True)
+    _add_rule_args(v)
+    v.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    v.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    v.add_argument("--overwrite", action="store_true")
 
     d = sub.add_parser("demo", help="the whole job on a built-in small pair")
     d.add_argument("--dir", default=None, help="where to put the files (default: a new temp dir)")
@@ -127,12 +166,13 @@ def _device(name):
 
 def cmd_compress(args):
     from .api import compress_files
-    rule = _rule(args)
+    from .compress import Codec
+    rule, codec = _rule(args), Codec(args.codec, args.bits, args.factor_bits)
     progress, close = _progress_bar()
     try:
         _, summary = compress_files(args.base, args.tuned, args.output, rule, args.dtype,
                                     _device(args.device), args.overwrite, args.allow_pickle,
-                                    progress)
+                                    progress, codec)
     finally:
         close()
     print(summary)
@@ -166,6 +206,20 @@ def cmd_resize(args):
     print(f"\nwrote {args.output}")
 
 
+def cmd_convert(args):
+    from .api import convert_file
+    from .summary import inspect_text
+    progress, close = _progress_bar()
+    try:
+        delta, size = convert_file(args.delta, args.output, _rule(args), args.dtype,
+                                   _device(args.device), args.overwrite, progress)
+    finally:
+        close()
+    delta.info["file"] = os.path.basename(args.output)
+    print(inspect_text(delta, size))
+    print(f"\nwrote {args.output}")
+
+
 def cmd_demo(args):
     from .demo import run_demo
     run_demo(args.dir, args.energy)
@@ -187,11 +241,14 @@ def cmd_ui(args):
 
 
 COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "apply": cmd_apply,
-            "resize": cmd_resize, "demo": cmd_demo, "ui": cmd_ui}
+            "resize": cmd_resize, "convert": cmd_convert, "demo": cmd_demo, "ui": cmd_ui}
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compress" and codec_problem(args):
+        parser.error(codec_problem(args))      # exit 2, like argparse's own checks
     try:
         COMMANDS[args.command](args)
     except UsageError as e:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import lora_names, spectrum
+from . import dct_codec, lora_names, quant, spectrum
 from .blas_threads import blas_threads
 from .checkpoint import is_ignored, open_pair
 from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, lora_parts, tensor_names
@@ -144,8 +144,9 @@ def code_exact(piece):
     return {"diff": piece.data.float().clone()}, None
 
 
-def code_matrix(piece, rule, dtype, device):
-    """SVD-code one matrix piece under `rule` (a RankRule). Returns (tensors, spectrum)."""
+def code_matrix(piece, rule, dtype, device, factor_bits=None):
+    """SVD-code one matrix piece under `rule` (a RankRule). Returns (tensors, spectrum).
+    With `factor_bits`, the factors are quantized (quant.py; record kind "qsvd")."""
     rec = piece.rec
     m = spectrum.as_matrix(piece.data)
     d, k = m.shape
@@ -161,9 +162,23 @@ def code_matrix(piece, rule, dtype, device):
         return {"diff": stored}, dec.s
     rec.kind, rec.rank = "svd", t
     a, b = spectrum.factors(dec, md, t)
+    if factor_bits:
+        parts, a, b = quant.encode_factors(a.cpu(), b.cpu(), dec.s[:t], factor_bits)
+        rec.kind = "qsvd"
+        rec.err2 = spectrum.residual_norm(md, a.to(md.device), b.to(md.device)) ** 2
+        return parts, dec.s
     a, b = a.to(dtype), b.to(dtype)
     rec.err2 = spectrum.residual_norm(md, a.float(), b.float()) ** 2
     return lora_parts(rec, a.cpu(), b.cpu()), dec.s
+
+
+def code_dct(piece, bits):
+    """Delta-DCT one matrix piece at about `bits` bits per parameter (dct_codec.py)."""
+    rec = piece.rec
+    m = spectrum.as_matrix(piece.data).float().cpu()
+    parts, rec.err2, rec.norm2 = dct_codec.encode(m, bits, dct_codec.PATCH)
+    rec.kind, rec.patch = "dct", dct_codec.PATCH
+    return {"dct_" + name: t for name, t in parts.items()}, None
 
 
 def _pass1_spectra(base, tuned, keys, counts, device, progress):
@@ -191,10 +206,39 @@ def _budget_ranks(spectra, rule, dtype, budget_bytes):
     return {key: r for (key, _), r in zip(items, ranks)}
 
 
+class Codec:
+    """Which codec codes the matrices: "svd" (factors; quantized with `factor_bits`) or "dct"
+    (at `bits` bits per parameter)."""
+
+    def __init__(self, name="svd", bits=None, factor_bits=None):
+        if name not in ("svd", "dct"):
+            raise DeltaError(f"unknown codec {name!r}; use svd or dct")
+        if name == "dct" and not (bits and 0 < bits <= dct_codec.MAX_BITS):
+            raise DeltaError(f"the dct codec needs a budget 0 < bits <= {dct_codec.MAX_BITS}")
+        if factor_bits is not None and not 1 <= factor_bits <= quant.MAX_BITS:
+            raise DeltaError(f"factor bits must lie in 1..{quant.MAX_BITS}")
+        self.name, self.bits, self.factor_bits = name, bits, factor_bits
+
+    def info(self):
+        """The file's deltasvd.codec ("svd", "qsvd" with factor bits, "dct") and its setting."""
+        if self.name == "dct":
+            return {"codec": "dct", "bits": _fmt(self.bits), "patch": dct_codec.PATCH}
+        if self.factor_bits:
+            return {"codec": "qsvd", "factor_bits": self.factor_bits}
+        return {"codec": "svd"}
+
+
 class Compressor:
     """Runs the whole job; holds the options so the steps stay short."""
 
-    def __init__(self, rule, dtype="fp16", device="cpu", progress=None):
+    def __init__(self, rule, dtype="fp16", device="cpu", progress=None, codec=None):
+        self.codec = codec or Codec()
+        if self.codec.name == "dct":
+            rule = RankRule("energy", 1.0)     # unused: the bits budget decides
+        elif rule is None:
+            raise DeltaError("the svd codec needs a rank rule")
+        elif not rule.per_layer and self.codec.factor_bits:
+            raise DeltaError("--size-mb works with plain factors only (not --factor-bits)")
         self.rule = rule
         self.dtype = storage_dtype(dtype)
         self.dtype_name = dtype
@@ -231,11 +275,15 @@ class Compressor:
         delta = Delta(family=base.family, records=records, tensors=tensors, extras=extras,
                       spectra=spectra)
         delta.info.update({
-            "codec": "svd", "mode": self.rule.mode, "value": _fmt(self.rule.value),
+            "mode": self.rule.mode, "value": _fmt(self.rule.value),
             "min_rank": self.rule.min_rank, "max_rank": self.rule.max_rank or "",
             "dtype": self.dtype_name, "base_sha256": "", "tuned_sha256": "",
             "base_name": base_name, "tuned_name": tuned_name,
         })
+        if self.codec.name == "dct":
+            delta.info.update({"mode": "bits", "value": _fmt(self.codec.bits),
+                               "min_rank": "", "max_rank": ""})
+        delta.info.update(self.codec.info())
         return delta, counts
 
     def _allocate(self, base, tuned, keys):
@@ -305,9 +353,11 @@ class Compressor:
     def _code_piece(self, piece, rule, fixed_ranks, key, j):
         if piece.rec.kind == "exact":
             return code_exact(piece)
+        if self.codec.name == "dct":
+            return code_dct(piece, self.codec.bits)
         if fixed_ranks is not None and fixed_ranks.get((key, j), 0) == 0:
             return None, None   # the budget gave this layer nothing
-        return code_matrix(piece, rule, self.dtype, self.device)
+        return code_matrix(piece, rule, self.dtype, self.device, self.codec.factor_bits)
 
 
 @contextmanager

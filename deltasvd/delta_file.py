@@ -1,11 +1,26 @@
-"""The delta file: a LoRA-format .safetensors plus deltasvd's own metadata.
+"""The delta file: a .safetensors of tensors plus deltasvd's own metadata; one container,
+several codecs (`deltasvd.codec`; a reader refuses a codec it does not know).
 
-Tensors (kohya names, see lora_names.py):
+codec "svd" (the default): a LoRA-format file stock loaders apply. Tensors (kohya names, see
+lora_names.py):
   {m}.lora_up.weight (d x t [x1x1]), {m}.lora_down.weight (t x in [x kh x kw]), {m}.alpha = t
   {m}.diff   a dense delta, where factors would be no smaller
   {m}.diff_b a bias delta;  {m}.w_norm + {m}.b_norm  a norm layer's delta (always both)
+codec "qsvd" (quantized factors, quant.py) and "dct" (Delta-DCT, dct_codec.py): the matrix
+records are coded (record kind "qsvd" / "dct") as integers packed into uint8 tensors with float16
+scales, stored under the same module names:
+  qsvd: {m}.q_bits (uint8, per component), {m}.up_codes, {m}.down_codes (uint8 bit streams),
+        {m}.up_scales, {m}.down_scales (float16, per component)
+  dct:  {m}.dct_codes (uint8 bit stream), {m}.dct_scales (float16 per patch),
+        {m}.dct_bits (uint8, 4-bit field per patch); the record's `patch` is the patch size
+The other records (1-D exact deltas, dense fallbacks, zero fills) are stored as for "svd". In a
+file of any codec but "svd", every tensor name carries the prefix CODED_PREFIX ("deltasvd:"), so
+a stock LoRA loader matches nothing at all (rather than applying the biases alone), and the
+extras are tensors too ("deltasvd:extra:<key>.<part>", not the base64 blob, which would cost a
+third more).
 Header metadata (strings; stock loaders ignore it):
   deltasvd.format / .version / .codec / .family / .mode / .value / .dtype / fingerprints
+  deltasvd.bits (dct: the budget in bits per parameter), deltasvd.factor_bits (qsvd)
   deltasvd.ranks    JSON {module: rank}
   deltasvd.layers   base64(zlib(JSON)) one record per stored piece (see LayerRecord)
   deltasvd.spectra  base64(zlib(float16 full spectra, then float64 heads s[:rank]))
@@ -17,18 +32,21 @@ import base64
 import json
 import os
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import safetensors.torch
 import torch
 
+from . import dct_codec, quant
 from .errors import DeltaError
-from .safetensors_io import SafeTensorsFile, write_tensors
+from .safetensors_io import HEADER_LIMIT, SafeTensorsFile, write_tensors
 
 FORMAT = "deltasvd"
 VERSION = "1"
-KNOWN_CODECS = ("svd",)
+KNOWN_CODECS = ("svd", "qsvd", "dct")
+CODED_PREFIX = "deltasvd:"   # tensor names in files of a codec other than "svd"
+EXTRAS_PREFIX = CODED_PREFIX + "extra:"   # ... and their extras (a tensor, not the blob)
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -38,7 +56,7 @@ class LayerRecord:
     name: str                 # LoRA module name, or the checkpoint key for extras
     key: str                  # checkpoint key it patches
     shape: list               # shape of the patched tensor (or its rows)
-    kind: str                 # "svd" | "dense" | "exact"
+    kind: str                 # "svd" | "dense" | "exact" | "qsvd" | "dct"
     param: str = "weight"     # "weight" or "bias"
     rows: list = None         # [start, stop] within the checkpoint tensor (split q/k/v)
     norm: bool = False        # a norm layer (stored as w_norm / b_norm)
@@ -50,6 +68,7 @@ class LayerRecord:
     err2: float = 0.0         # squared residual after storage rounding
     norm2: float = 0.0        # squared Frobenius norm of the delta
     precision: str = ""       # what decided the rank: gram64 or svd64 (spectrum.py)
+    patch: int = 0            # dct: patch size
 
     @property
     def matrix_shape(self):
@@ -75,8 +94,16 @@ class Delta:
 _RECORD_FIELDS = [f.name for f in fields(LayerRecord)]
 
 
+CODED_PARTS = {"qsvd": ("q_bits", "up_codes", "up_scales", "down_codes", "down_scales"),
+               "dct": ("dct_codes", "dct_scales", "dct_bits")}
+
+
 def tensor_names(rec):
     """File tensor names of a record's parts."""
+    if rec.kind in CODED_PARTS:
+        base = rec.name if not rec.extra else (
+            rec.key if rec.rows is None else f"{rec.key}[{rec.rows[0]}:{rec.rows[1]}]")
+        return {part: f"{base}.{part}" for part in CODED_PARTS[rec.kind]}
     if rec.extra:
         base = rec.key if rec.rows is None else f"{rec.key}[{rec.rows[0]}:{rec.rows[1]}]"
         if rec.kind == "svd":
@@ -102,12 +129,65 @@ def lora_parts(rec, a, b):
             "alpha": torch.tensor(float(t), dtype=torch.float32)}
 
 
+def decode_parts(rec, parts):
+    """The one decoder: a record's stored parts as float32 LoRA parts, (kind, parts) with kind
+    "svd" ({"up", "down"}: factors as the file's lora_parts shape them) or "diff" ({"diff"})."""
+    if rec.kind == "qsvd":
+        d, k = rec.matrix_shape
+        a, b = quant.decode_factors(parts, d, k)
+        return "svd", lora_parts(rec, a, b)
+    if rec.kind == "dct":
+        d, k = rec.matrix_shape
+        mat = dct_codec.decode({"codes": parts["dct_codes"], "scales": parts["dct_scales"],
+                      "bits": parts["dct_bits"]}, d, k, rec.patch)
+        return "diff", {"diff": mat.reshape(rec.shape)}
+    if rec.kind == "svd":
+        return "svd", {"up": parts["up"].float(), "down": parts["down"].float()}
+    return "diff", {"diff": parts["diff"].float()}
+
+
 def reconstruct(rec, parts):
     """The float32 delta of one record, in the shape of what it patches."""
-    if rec.kind == "svd":
+    kind, parts = decode_parts(rec, parts)
+    if kind == "svd":
         up, down = parts["up"].float(), parts["down"].float()
         return (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(rec.shape)
     return parts["diff"].float().reshape(rec.shape)
+
+
+def is_coded(delta):
+    """A file of a codec stock loaders cannot read (anything but "svd")."""
+    return delta.info.get("codec", "svd") != "svd"
+
+
+def file_tensors(delta):
+    """The tensors as named in the file (prefixed, extras included, for codecs but "svd")."""
+    if not is_coded(delta):
+        return delta.tensors
+    out = {CODED_PREFIX + k: t for k, t in delta.tensors.items()}
+    out.update({EXTRAS_PREFIX + k: t for k, t in delta.extras.items()})
+    return out
+
+
+def decoded_delta(delta):
+    """A Delta whose coded records (qsvd, dct) are float LoRA parts (svd factors / dense diff),
+    as hosts patch them; other records and the spectra are shared, not copied."""
+    if not any(r.kind in CODED_PARTS for r in delta.records):
+        return delta
+    records, tensors, extras = [], {}, {}
+    for rec in delta.records:
+        parts = delta.stored(rec)
+        if rec.kind in CODED_PARTS:
+            kind, parts = decode_parts(rec, parts)
+            rec = replace(rec, kind="svd" if kind == "svd" else "dense", patch=0)
+        dst = extras if rec.extra else tensors
+        for part, name in tensor_names(rec).items():
+            if part in parts:
+                dst[name] = parts[part]
+        records.append(rec)
+    info = dict(delta.info, codec="svd", decoded_from=delta.info.get("codec"))
+    return Delta(family=delta.family, records=records, tensors=tensors, extras=extras,
+                 spectra=delta.spectra, info=info)
 
 
 def _pack(array_bytes):
@@ -144,7 +224,7 @@ def encode_metadata(delta):
                                             separators=(",", ":")).encode()),
         "deltasvd.spectra": _pack(len(full_b).to_bytes(8, "little") + full_b + head_b),
     })
-    if delta.extras:
+    if delta.extras and not is_coded(delta):
         meta["deltasvd.extras"] = _pack(safetensors.torch.save(delta.extras))
     return meta
 
@@ -152,13 +232,20 @@ def encode_metadata(delta):
 def write_delta(path, delta, host_metadata_fn, overwrite=False, inputs=()):
     """Write atomically. `host_metadata_fn(data_sha256)` adds ss_*/modelspec.* keys."""
     meta = encode_metadata(delta)
+    header = sum(len(k) + len(v) for k, v in meta.items())
+    if header > HEADER_LIMIT - (1 << 20):
+        raise DeltaError(f"the metadata would take {header / 1e6:.0f} MB of the header, over "
+                         f"safetensors' {HEADER_LIMIT / 1e6:.0f} MB limit (the extras blob: "
+                         f"{len(meta.get('deltasvd.extras', '')) / 1e6:.0f} MB); use a smaller "
+                         "threshold (or a coded file, whose extras are tensors)", path)
 
     def metadata(data_hash):
         m = dict(meta)
         m.update(host_metadata_fn(data_hash))
         return m
 
-    write_tensors(path, delta.tensors, metadata_fn=metadata, overwrite=overwrite, inputs=inputs)
+    write_tensors(path, file_tensors(delta), metadata_fn=metadata, overwrite=overwrite,
+                  inputs=inputs)
 
 
 def read_delta(path):
@@ -176,11 +263,22 @@ def read_delta(path):
             raise DeltaError(f"unknown codec {codec!r}: this deltasvd reads "
                              f"{', '.join(KNOWN_CODECS)}; update deltasvd", path)
         tensors = {k: f.get(k) for k in f.keys()}
+    if codec != "svd":
+        plain = [k for k in tensors if not k.startswith(CODED_PREFIX)]
+        if plain:
+            raise DeltaError(f"corrupt {codec} delta: tensor name without the "
+                             f"{CODED_PREFIX!r} prefix", path, plain[0])
+        coded_extras = {k[len(EXTRAS_PREFIX):]: t for k, t in tensors.items()
+                        if k.startswith(EXTRAS_PREFIX)}
+        tensors = {k[len(CODED_PREFIX):]: t for k, t in tensors.items()
+                   if not k.startswith(EXTRAS_PREFIX)}
     try:
         records = [LayerRecord(**r) for r in json.loads(_unpack(meta["deltasvd.layers"]))]
         spectra = _decode_spectra(records, _unpack(meta["deltasvd.spectra"]))
         extras = (safetensors.torch.load(_unpack(meta["deltasvd.extras"]))
                   if "deltasvd.extras" in meta else {})
+        if codec != "svd":
+            extras.update(coded_extras)
     except (KeyError, ValueError, TypeError, zlib.error) as e:
         raise DeltaError(f"corrupt deltasvd metadata ({e})", path) from None
     info = {k[len("deltasvd."):]: v for k, v in meta.items() if k.startswith("deltasvd.")
@@ -215,6 +313,23 @@ def _check_complete(delta, path):
         for name in names.values():
             if name not in src:
                 raise DeltaError("corrupt delta: a recorded tensor is missing", path, name)
+        if rec.kind in CODED_PARTS:
+            check_coded(rec, delta.stored(rec), path)
+
+
+def check_coded(rec, parts, path=None):
+    """DeltaError naming the file and tensor unless a coded record's parts fit its shape."""
+    d, k = rec.matrix_shape
+    try:
+        if rec.kind == "dct":
+            if rec.patch < 1:
+                raise ValueError(f"patch size {rec.patch}")
+            dct_codec.check({"codes": parts["dct_codes"], "scales": parts["dct_scales"],
+                             "bits": parts["dct_bits"]}, d, k, rec.patch)
+        else:
+            quant.check(parts, d, k)
+    except (ValueError, KeyError) as e:
+        raise DeltaError(f"corrupt {rec.kind} data ({e})", path, rec.name) from None
 
 
 def file_size(delta, host_meta):
@@ -222,6 +337,7 @@ def file_size(delta, host_meta):
     from .safetensors_io import layout_header
     meta = encode_metadata(delta)
     meta.update(host_meta("0" * 64))
-    layout = [(k, t.dtype, tuple(t.shape)) for k, t in delta.tensors.items()]
-    data = sum(t.numel() * t.element_size() for t in delta.tensors.values())
+    tensors = file_tensors(delta)
+    layout = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
     return 8 + len(layout_header(layout, meta)) + data

@@ -50,7 +50,7 @@ def group_rows(records, nbytes_of):
         row = acc[g] or {"group": g, "pieces": 0, "ranks": [], "dense": 0, "exact": 0,
                          "bytes": 0, "err2": 0.0, "norm2": 0.0}
         row["pieces"] += 1
-        if rec.kind == "svd" and rec.n:
+        if rec.kind in ("svd", "qsvd") and rec.n:
             row["ranks"].append(rec.rank)
         row["dense"] += rec.kind == "dense"
         row["exact"] += rec.kind == "exact"

@@ -1,5 +1,7 @@
 """Human-readable reports: the compress summary and `inspect`."""
 
+import numpy as np
+
 from .checkpoint import FAMILIES
 from .delta_file import tensor_names
 from .groups import format_table, group_rows
@@ -11,13 +13,30 @@ def record_bytes(delta, rec):
                if n in src)
 
 
+def delta_params(delta):
+    """Parameters the delta describes: the values of every changed tensor (zero-valued fills
+    added for hosts do not count)."""
+    return sum(int(np.prod(r.shape)) for r in delta.records if r.norm2 > 0)
+
+
+def bits_per_param(delta, file_bytes):
+    """Every stored bit (header, scales, side data included) over the changed parameters."""
+    n = delta_params(delta)
+    return 8.0 * file_bytes / n if n else 0.0
+
+
+def _bits_line(delta, file_bytes):
+    return (f"{bits_per_param(delta, file_bytes):.3f} bits per parameter (the whole file over "
+            f"{delta_params(delta):,} changed values)")
+
+
 def group_table(delta, file_bytes=None, reference_bytes=None):
     rows = group_rows(delta.records, lambda rec: record_bytes(delta, rec))
     return format_table(rows, file_bytes, reference_bytes)
 
 
 def compress_summary(delta, counts, file_bytes, tuned_bytes):
-    lines = [group_table(delta, file_bytes, tuned_bytes), ""]
+    lines = [group_table(delta, file_bytes, tuned_bytes), _bits_line(delta, file_bytes), ""]
     lines.append(f"tensors: {counts.changed} changed, {counts.identical} identical (skipped), "
                  f"{counts.ignored_ema} EMA and {counts.ignored_nonfloat} non-float ignored")
     if counts.rounded:
@@ -37,21 +56,35 @@ def compress_summary(delta, counts, file_bytes, tuned_bytes):
     return "\n".join(lines)
 
 
+def _codec_line(info):
+    codec = info.get("codec")
+    if codec == "dct":
+        return (f"dct  {info.get('bits')} bits per parameter (budget), {info.get('patch')}x"
+                f"{info.get('patch')} patches  (not LoRA-loadable: deltasvd apply / convert)")
+    line = f"{codec}  mode {info.get('mode')} = {info.get('value')}  factors "
+    if codec == "qsvd":
+        return line + (f"int{info.get('factor_bits')} (fewer bits for the tail; not "
+                       "LoRA-loadable: deltasvd apply / convert)")
+    return line + str(info.get("dtype"))
+
+
 def inspect_text(delta, file_bytes):
     info = delta.info
-    svd = [r for r in delta.records if r.kind == "svd" and r.n]
+    svd = [r for r in delta.records if r.kind in ("svd", "qsvd") and r.n]
+    dct = sum(r.kind == "dct" for r in delta.records)
     params = sum(t.numel() for t in delta.tensors.values())
     lines = [
         f"file      {info.get('file')}  ({file_bytes / 2**20:.2f} MB, {params:,} stored values)",
         f"family    {FAMILIES.get(delta.family, delta.family)}",
-        f"codec     {info.get('codec')}  mode {info.get('mode')} = {info.get('value')}  "
-        f"factors {info.get('dtype')}",
+        f"codec     {_codec_line(info)}",
         f"base      {info.get('base_name')}  sha256 {info.get('base_sha256', '')[:16]}…",
         f"tuned     {info.get('tuned_name')}  sha256 {info.get('tuned_sha256', '')[:16]}…",
-        f"layers    {len(svd)} factored, {sum(r.kind == 'dense' for r in delta.records)} dense, "
+        f"layers    {len(svd)} factored, " + (f"{dct} DCT-coded, " if dct else "") +
+        f"{sum(r.kind == 'dense' for r in delta.records)} dense, "
         f"{sum(r.kind == 'exact' for r in delta.records)} exact 1-D, "
         f"{sum(r.extra for r in delta.records)} in extras",
     ]
+    lines.append(f"size      {_bits_line(delta, file_bytes)}")
     if "resized_from" in info:
         lines.append(f"resized   from {info['resized_from']}")
     tuned_bytes = int(info.get("tuned_bytes") or 0) or None

@@ -24,7 +24,9 @@ class DeltaSVDApply:
         "inputs are cloned, never changed; the delta is added as factored patches that ComfyUI "
         "rebuilds on its own device when it loads the model (lowvram included), exactly as "
         "LoraLoader does with the same file, plus the deltas LoRA loaders cannot apply "
-        "(text-encoder norms and embeddings). Refuses a delta made for another model family.")
+        "(text-encoder norms and embeddings). Deltas of the smaller codecs (quantized factors, "
+        "Delta-DCT), which LoraLoader cannot read, are decoded first. Refuses a delta made for "
+        "another model family.")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL", "CLIP")

@@ -25,6 +25,7 @@ import comfy.utils
 
 from ..deltasvd.apply import delta_for, records_by_key
 from ..deltasvd.checkpoint import FAMILIES
+from ..deltasvd.delta_file import decoded_delta
 from ..deltasvd.errors import DeltaError
 from ..deltasvd.sources import TensorSource
 
@@ -246,7 +247,9 @@ def _lora_key_map(model, clip):
 
 def delta_patches(delta, model, clip=None):
     """Build the patches of `delta` for `model` (and `clip`), as LoraLoader would for the file,
-    plus the extras. Nothing is modified."""
+    plus the extras. Nothing is modified. A coded delta (qsvd, dct) is decoded first
+    (delta_file.decoded_delta): its factors become LoRA patches, its DCT layers "diff" patches."""
+    delta = decoded_delta(delta)
     plan = PatchPlan()
     lora = dict(delta.tensors)
     lora = comfy.lora_convert.convert_lora(lora)

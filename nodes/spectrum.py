@@ -14,6 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..deltasvd import plot
 from ..deltasvd.checkpoint import FAMILIES
+from ..deltasvd.delta_file import is_coded
+from ..deltasvd.errors import DeltaError
 from .common import CATEGORY, DELTA, delta_bytes
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -189,4 +191,7 @@ class DeltaSVDSpectrum:
         }
 
     def plot(self, delta, width=1024, height=560):
+        if is_coded(delta):
+            raise DeltaError(f"the spectrum plot is for LoRA-format (svd) deltas; this one is "
+                             f"coded ({delta.info.get('codec')}): convert it first")
         return (to_image_tensor(render(delta, width, height)),)

@@ -288,6 +288,29 @@ def test_compress_files_node(host, pair, made_files):
 # Apply
 
 
+def same_as_loraloader(host, pair, model, clip, lora, strength_model, strength_clip):
+    """Apply's patches (on `model`, `clip`) give exactly Load LoRA's weights for `lora` (a file,
+    or the tensors a file would hold), and the only patches Load LoRA lacks are the two extras.
+    Returns (our patches, the base weights, calculate_weight)."""
+    if not isinstance(lora, dict):
+        lora = host.comfy.utils.load_torch_file(str(lora), safe_load=True)
+    ref_model, ref_clip = host.comfy.sd.load_lora_for_models(
+        pair.base_model, pair.base_clip, lora, strength_model, strength_clip)
+    ours = {**model.patches, **clip.patcher.patches}
+    ref = {**ref_model.patches, **ref_clip.patcher.patches}
+    extras = {k: v for k, v in ours.items() if k not in ref}
+    assert sorted(extras) == ["clip_l.transformer.text_model.embeddings.token_embedding.weight",
+                              "clip_l.transformer.text_model.final_layer_norm.weight"]
+    assert len(ref) > 10
+    states = {**pair.base_model.model.state_dict(),
+              **pair.base_clip.cond_stage_model.state_dict()}
+    calc = host.comfy.lora.calculate_weight
+    for key, patches in ref.items():
+        w = states[key].float()
+        assert torch.equal(calc(ours[key], w.clone(), key), calc(patches, w.clone(), key)), key
+    return ours, states, calc
+
+
 def test_apply_equals_loraloader_plus_extras(host, pair, made, tmp_path):
     delta = result(made)[0]
     base_model, base_clip = pair.base_model, pair.base_clip
@@ -299,23 +322,10 @@ def test_apply_equals_loraloader_plus_extras(host, pair, made, tmp_path):
     text = out["ui"]["text"][0]
     assert "NOT APPLIED" not in text and "applied 2 extras" in text
 
-    path = tmp_path / "d.safetensors"
     from deltasvd.api import save_delta
+    path = tmp_path / "d.safetensors"
     save_delta(delta, path)
-    lora = host.comfy.utils.load_torch_file(str(path), safe_load=True)
-    ref_model, ref_clip = host.comfy.sd.load_lora_for_models(base_model, base_clip, lora, 0.8,
-                                                             1.2)
-    ours = {**model.patches, **clip.patcher.patches}
-    ref = {**ref_model.patches, **ref_clip.patcher.patches}
-    extras = {k: v for k, v in ours.items() if k not in ref}
-    assert sorted(extras) == ["clip_l.transformer.text_model.embeddings.token_embedding.weight",
-                              "clip_l.transformer.text_model.final_layer_norm.weight"]
-    assert len(ref) > 10
-    states = {**base_model.model.state_dict(), **base_clip.cond_stage_model.state_dict()}
-    calc = host.comfy.lora.calculate_weight
-    for key, patches in ref.items():
-        w = states[key].float()
-        assert torch.equal(calc(ours[key], w.clone(), key), calc(patches, w.clone(), key)), key
+    ours, states, calc = same_as_loraloader(host, pair, model, clip, path, 0.8, 1.2)
     # the extras: base + strength * delta
     by_key = records_by_key(delta)
     for key, ck in (("clip_l.transformer.text_model.final_layer_norm.weight",
@@ -348,6 +358,46 @@ def test_apply_refuses_other_family_and_reports_unmatched(host, pair, made, Delt
     assert "extra cond_stage_model.transformer.text_model.final_layer_norm.weight not " \
            "applied: no CLIP connected" in text
     assert result(out)[1] is None
+
+
+@pytest.mark.parametrize("codec", ["dct", "qsvd"])
+def test_apply_coded_delta_equals_loraloader_on_its_decoded_file(host, pair, codec,
+                                                                 DeltaError):
+    """A Delta-DCT or quantized-factor file (not LoRA-loadable): saved and loaded by the nodes,
+    Apply patches exactly what LoraLoader patches from the decoded LoRA-format file, plus the
+    extras, equal to base + strength * the decoded delta; Resize and Spectrum refuse it."""
+    from deltasvd.api import compress_to_delta, make_codec, make_rule
+    from deltasvd.delta_file import decoded_delta
+    c = make_codec("dct", bits=2) if codec == "dct" else make_codec("svd", factor_bits=8)
+    made_delta, _, _ = compress_to_delta(pair.base_path, pair.tuned_path,
+                                         make_rule("energy", 0.5), codec=c)
+    host.node("DeltaSVDSave").save(made_delta, f"deltas/coded_{codec}")
+    delta, info = result(host.node("DeltaSVDLoad").load(f"deltas/coded_{codec}.safetensors"))
+    assert f"codec     {codec}" in info and "not LoRA-loadable" in info
+    assert any(r.kind == codec for r in delta.records)
+    base_model, base_clip = pair.base_model, pair.base_clip
+    out = host.node("DeltaSVDApply").apply(base_model, delta, 0.7, base_clip, 1.3)
+    model, clip = result(out)
+    text = out["ui"]["text"][0]
+    assert "NOT APPLIED" not in text and "applied 2 extras" in text
+
+    # the decoded file's tensors (not written: the DCT-decoded token embedding, a dense extra,
+    # would pass safetensors' 100 MB header limit in the extras blob)
+    lora = dict(decoded_delta(delta).tensors)
+    ours, states, calc = same_as_loraloader(host, pair, model, clip, lora, 0.7, 1.3)
+    # one UNet weight against the core's decoder (deltasvd apply's path)
+    by_key = records_by_key(delta)
+    ck = next(k for k, recs in by_key.items() if recs[0].kind == codec and
+              k.startswith("model.diffusion_model."))
+    hk = "diffusion_model." + ck[len("model.diffusion_model."):]
+    w = states[hk].float()
+    want = w + 0.7 * delta_for(delta, by_key[ck], list(w.shape))
+    got = calc(ours[hk], w.clone(), hk)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), hk
+    with pytest.raises(DeltaError, match=f"coded \\({codec}\\)"):
+        host.node("DeltaSVDResize").resize(delta, "energy", 0.3)
+    with pytest.raises(DeltaError, match="convert it first"):
+        host.node("DeltaSVDSpectrum").plot(delta, 800, 480)
 
 
 # ---------------------------------------------------------------------------------------------

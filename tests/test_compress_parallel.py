@@ -4,7 +4,6 @@ import torch
 
 from deltasvd import compress
 from deltasvd.blas_threads import _openblas, blas_threads
-from deltasvd.delta_file import read_delta
 from deltasvd.ranks import RankRule
 
 
