@@ -25,7 +25,7 @@ Errors: the relative Frobenius error of the whole delta, sqrt(sum ||dW - dW^||^2
 (1-D deltas included, stored exactly), and per matrix layer the relative error of its output on
 random inputs, ||(dW - dW^) X||_F / ||dW X||_F, X = N(0, 1) of in x --samples (Conv: the unfolded
 in*kh*kw input), reported as the mean (and max) over layers. For the SVD rows the residuals come
-from the float32 Gram spectrum (tail sums of s^2, and of the components of dW X), i.e. without
+from the Gram spectrum (tail sums of s^2, and of the components of dW X), i.e. without
 the fp16 rounding of the factors (~1e-3 relative); quantized factors, DCT and bitdelta are
 decoded and measured directly.
 """

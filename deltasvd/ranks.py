@@ -5,7 +5,7 @@
 - rank:   a fixed rank.
 - size_mb: a whole-file budget, see `allocate_budget`.
 Each rule also gives the range of ranks it could pick when every s_i is only known to within
-+-err_i (the float32 Gram route); a range wider than one rank sends the layer to float64.
++-err_i (the Gram route); a range wider than one rank sends the layer to a float64 SVD.
 """
 
 from dataclasses import dataclass

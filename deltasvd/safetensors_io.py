@@ -107,16 +107,16 @@ class SafeTensorsFile:
 
     def get(self, key):
         begin, end = self.header[key]["data_offsets"]
-        buf = bytearray(end - begin)
+        # torch.empty, not bytearray: no zero-fill pass over memory the read overwrites anyway.
+        raw = torch.empty(end - begin, dtype=torch.uint8)
         try:
-            n = os.preadv(self._f.fileno(), [buf], self.data_offset + begin)
+            n = os.preadv(self._f.fileno(), [raw.numpy()], self.data_offset + begin) \
+                if len(raw) else 0
         except OSError as e:
             raise DeltaError(f"cannot be read ({e.strerror})", self.path, key) from None
-        if n != len(buf):
+        if n != len(raw):
             raise DeltaError("truncated while reading", self.path, key)
-        if not buf:
-            return torch.empty(self.shape(key), dtype=self.dtype(key))
-        return torch.frombuffer(buf, dtype=self.dtype(key)).reshape(self.shape(key))
+        return raw.view(self.dtype(key)).reshape(self.shape(key))
 
     def close(self):
         if self._f is not None:
