@@ -10,8 +10,8 @@ import heapq
 import math
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -319,12 +319,16 @@ class Compressor:
                 counts.svd64 += piece.rec.precision == "svd64"
 
         workers, threads = self._parallelism()
-        with blas_threads(threads), ThreadPoolExecutor(max_workers=workers) as pool:
+        # One worker (an accelerator, or one core) codes in the calling thread: the host's
+        # per-thread settings (TF32 off, see _exact_cuda_math) then hold for every product.
+        pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        with blas_threads(threads), pool or nullcontext():
             pending = deque()
             for key, delta in read_deltas(base, tuned, keys, counts,
                                           self._progress("compress")):
                 pieces = split_pieces(key, delta, base, base.family)
-                pending.append(pool.submit(self._code_key, key, pieces, fixed_ranks))
+                pending.append(pool.submit(self._code_key, key, pieces, fixed_ranks) if pool
+                               else _done(self._code_key(key, pieces, fixed_ranks)))
                 del delta, pieces
                 while len(pending) > workers:   # bounds the deltas held in memory
                     collect(pending.popleft())
@@ -358,6 +362,12 @@ class Compressor:
         if fixed_ranks is not None and fixed_ranks.get((key, j), 0) == 0:
             return None, None   # the budget gave this layer nothing
         return code_matrix(piece, rule, self.dtype, self.device, self.codec.factor_bits)
+
+
+def _done(result):
+    job = Future()
+    job.set_result(result)
+    return job
 
 
 @contextmanager

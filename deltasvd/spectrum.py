@@ -170,8 +170,17 @@ def decide_rank(m, rule):
     return dec, t, is_dense(t, d, k)
 
 
+RESIDUAL_ROWS = 1024   # rows of M - A B formed at a time
+
+
 def residual_norm(m, a, b):
-    """||M - A B||_F, computed directly (the identity ||M||^2 - 2<.,.> + ... cancels badly)."""
-    if a.shape[1] == 0:
-        return float(m.norm())
-    return float((m - a @ b).norm())
+    """||M - A B||_F, computed directly (the identity ||M||^2 - 2<.,.> + ... cancels badly), a
+    block of rows at a time, summed in float64: torch's float32 CPU norm of a 30 M-value
+    residual was measured 0.4% low."""
+    total = 0.0
+    for r in range(0, m.shape[0], RESIDUAL_ROWS):
+        block = m[r: r + RESIDUAL_ROWS]
+        if a.shape[1]:
+            block = block - a[r: r + RESIDUAL_ROWS] @ b
+        total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
+    return math.sqrt(total)

@@ -164,3 +164,14 @@ def test_cuda_math_turns_tf32_off_and_restores_the_hosts_flags():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_residual_norm_is_float64_accurate_on_a_large_layer():
+    """A 1280 x 23040 residual (SD1.5's largest conv): torch's float32 norm is ~1e-3 off."""
+    g = torch.Generator().manual_seed(7)
+    m = torch.randn(1280, 23040, generator=g) * 1e-3
+    a = torch.randn(1280, 64, generator=g) * 1e-3
+    b = torch.randn(64, 23040, generator=g) * 1e-2
+    ref = float((m.double() - a.double() @ b.double()).norm())
+    assert abs(spectrum.residual_norm(m, a, b) / ref - 1) < 1e-7
+    assert abs(spectrum.residual_norm(m, a[:, :0], b[:0]) / float(m.double().norm()) - 1) < 1e-7
