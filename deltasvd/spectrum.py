@@ -8,8 +8,9 @@ sum-of-s rules undecided in most layers (measured on the SD1.5-shaped pair: floa
 errors of 1-3 eps32 * ||M||_F^2 / n in the bulk, up to eps32 * lmax on steep spectra), and
 refusing to guess costs a second pass anyway. With float64 the per-value bound below is some
 1e-13 of the largest value, so the rank is that of the float64 singular values except at exact
-ties; when the bound still leaves it open (rank-deficient deltas such as merged LoRAs, where
-the exact zeros come back as noise), the values are recomputed by a float64 SVD.
+ties; when the bound still leaves it open (an exact tie, or a threshold that falls among the
+exact zeros of a rank-deficient delta, which come back as noise), the values are recomputed
+by a float64 SVD.
 
 Vectors: only the leading t are needed (t is a few percent of min(d, k) at the paper's
 thresholds), so they come from a short block subspace iteration on G, stopped when the energy
