@@ -171,7 +171,7 @@ def decide_rank(m, rule):
     return dec, t, is_dense(t, d, k)
 
 
-RESIDUAL_ROWS = 1024   # rows of M - A B formed at a time
+RESIDUAL_ROWS = 128   # rows of M - A B formed at a time (and widened to float64 for the sum)
 
 
 def residual_norm(m, a, b):
