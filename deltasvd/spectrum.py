@@ -30,8 +30,9 @@ import torch
 
 from .ranks import is_dense, tail_bounds
 
-# Safety factor on the eigenvalue error model eps * min(||M||_F^2, lmax * sqrt(n)); float32
-# Gram errors were measured at up to 2.5x that model, float64 ones behave alike.
+# Safety factor on the eigenvalue error model eps * min(||M||_F^2, lmax * sqrt(n)): float32
+# Gram errors were measured at up to 2.5x that model; for the float64 Gram the test
+# test_gram_error_model_holds_on_random_layers checks it against float64 SVDs.
 GRAM_SAFETY = 8.0
 # Rows of the long side turned into float64 at a time: bounds the float64 copy (16 MB at n=1280).
 GRAM_BLOCK = 1536
