@@ -140,7 +140,7 @@ def analyse(m, x):
     dec = spectrum.gram_spectrum(m)
     y = m @ x
     y2 = float(y.double().pow(2).sum())
-    q = spectrum.leading_vectors(dec.gram, dec.lam, dec.lam.size)   # the whole basis
+    q = spectrum.top_vectors(dec, m, dec.s.size)   # the whole basis
     if dec.tall:         # q = V: component i of m x is u_i s_i (v_i^T x)
         proj = (dec.s ** 2) * (q.T @ x).double().pow(2).sum(dim=1).numpy()
     else:                # q = U: component i is u_i (u_i^T m x)

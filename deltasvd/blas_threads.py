@@ -7,10 +7,11 @@ numpy has no API for its thread count, so the bundled OpenBLAS is asked through 
 where none is found (another BLAS), numpy keeps its own setting.
 """
 
-import ctypes
 from contextlib import contextmanager
 
 import torch
+
+from .openblas import find_symbol
 
 _SYMBOLS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
             "openblas_set_num_threads64_", "openblas_set_num_threads")
@@ -18,22 +19,11 @@ _SYMBOLS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads
 
 def _openblas():
     """(set, get) of the OpenBLAS numpy loaded, or None."""
-    try:
-        import numpy  # noqa: F401  (loads its BLAS)
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            paths = sorted({ln.split()[-1] for ln in maps if "openblas" in ln.lower()})
-    except OSError:
+    lib, name = find_symbol(_SYMBOLS)
+    getter = name.replace("set_", "get_") if lib is not None else None
+    if lib is None or not hasattr(lib, getter):
         return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _SYMBOLS:
-            getter = name.replace("set_", "get_")
-            if hasattr(lib, name) and hasattr(lib, getter):
-                return getattr(lib, name), getattr(lib, getter)
-    return None
+    return getattr(lib, name), getattr(lib, getter)
 
 
 @contextmanager

@@ -188,7 +188,7 @@ def _pass1_spectra(base, tuned, keys, counts, device, progress):
         for j, piece in enumerate(split_pieces(key, delta, base, base.family)):
             if piece.rec.kind == "svd":
                 dec = spectrum.gram_spectrum(spectrum.as_matrix(piece.data).to(device),
-                                                keep_gram=False)
+                                                keep_vectors=False)
                 spectra[(key, j)] = (dec.s, piece.rec.shape)
     return spectra
 

@@ -13,13 +13,16 @@ exact zeros of a rank-deficient delta, which come back as noise), the values are
 by a float64 SVD.
 
 Vectors: only the leading t are needed (t is a few percent of min(d, k) at the paper's
-thresholds), so they come from a short block subspace iteration on G, stopped when the energy
-the subspace captures is within SUBSPACE_TOL of the exact sum of the top t eigenvalues; a
-full `eigh` is used when t is a large part of the spectrum.
+thresholds). On the CPU, G is reduced to tridiagonal form once (`lapack.py`): the values come
+from it, and after the rank is chosen, the t vectors too, at a small part of eigvalsh's cost.
+Elsewhere (CUDA, or a numpy without OpenBLAS) they come from a short block subspace iteration
+on G, stopped when the energy the subspace captures is within SUBSPACE_TOL of the exact sum of
+the top t eigenvalues; a full `eigh` is used when t is a large part of the spectrum.
 
-On the CPU all of it runs in numpy (one BLAS/LAPACK thread pool): torch's CPU `eigvalsh` /
-`eigh` measured 5-10x slower than numpy's on the same matrices whenever another process
-shared the cores (its OpenMP threads spin), which is the normal state of a host like ComfyUI.
+On the CPU all of it runs in numpy's LAPACK (one BLAS/LAPACK thread pool): torch's CPU
+`eigvalsh` / `eigh` measured 5-10x slower than numpy's on the same matrices whenever another
+process shared the cores (its OpenMP threads spin), which is the normal state of a host like
+ComfyUI.
 """
 
 import math
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import lapack
 from .ranks import is_dense, tail_bounds
 
 # Safety factor on the eigenvalue error model eps * min(||M||_F^2, lmax * sqrt(n)): float32
@@ -50,7 +54,8 @@ class Decomposition:
     precision: str         # what gave s: "gram64" or "svd64"
     tall: bool             # d >= k: the Gram is M^T M (input side, V), else M M^T (U)
     fro2: float = 0.0      # ||M||_F^2 (the Gram's trace, float64)
-    gram: object = None          # float64 Gram matrix (numpy on the CPU), kept for the vectors
+    gram: object = None          # float64 Gram matrix (CUDA, or no LAPACK), kept for the vectors
+    tri: object = None           # or its tridiagonal form (lapack.Tridiagonal), kept for them
     lam: np.ndarray = None       # the Gram eigenvalues behind s, and their error bound
     dl: float = 0.0
 
@@ -86,13 +91,19 @@ def _descending(values):
     return np.ascontiguousarray(values[::-1], dtype=np.float64)
 
 
-def gram_spectrum(m, keep_gram=True):
-    """Values through the float64 Gram matrix of the smaller side, with per-value bounds."""
+def gram_spectrum(m, keep_vectors=True):
+    """Values through the float64 Gram matrix of the smaller side, with per-value bounds.
+    keep_vectors: keep what `top_vectors` needs (the Gram or its tridiagonal form)."""
     d, k = m.shape
     g = gram(m)
-    lam = _descending(_linalg(g).eigvalsh(g))
-    n = lam.size
     fro2 = float(g.trace() if isinstance(g, np.ndarray) else torch.diagonal(g).sum())
+    tri = None
+    if isinstance(g, np.ndarray) and lapack.available():
+        tri = lapack.tridiagonalize(g)         # g's storage now holds the reflectors
+        lam, g = _descending(lapack.eigenvalues(tri)), None
+    else:
+        lam = _descending(_linalg(g).eigvalsh(g))
+    n = lam.size
     lam_max = max(float(lam[0]), 0.0) if n else 0.0
     # Absolute eigenvalue error of Gram + eigh: an empirical model (see GRAM_SAFETY).
     dl = GRAM_SAFETY * float(np.finfo(np.float64).eps) * min(fro2, lam_max * math.sqrt(n))
@@ -100,7 +111,8 @@ def gram_spectrum(m, keep_gram=True):
     # |sqrt(a) - sqrt(b)| <= min(sqrt(|a - b|), |a - b| / sqrt(a)).
     err = np.minimum(math.sqrt(dl), dl / np.maximum(s, 1e-300))
     return Decomposition(s=s, err=err, precision="gram64", tall=d >= k, fro2=fro2,
-                         gram=g if keep_gram else None, lam=lam, dl=dl)
+                         gram=g if keep_vectors else None, tri=tri if keep_vectors else None,
+                         lam=lam, dl=dl)
 
 
 def svd64_values(m):
@@ -136,15 +148,30 @@ def leading_vectors(g, lam, t):
 def _first_reversed(q, t):
     """Columns in reverse order (eigh is ascending), as a float32 tensor."""
     if isinstance(q, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(q[:, ::-1], dtype=np.float32))
+        return _float32(q[:, ::-1])
     return q.flip(1).float()
+
+
+def _float32(q):
+    return torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+
+
+def top_vectors(dec, m, t):
+    """The Gram matrix's t leading eigenvectors (V_t if dec.tall, else U_t), float32 columns,
+    largest first."""
+    if dec.tri is not None:
+        try:
+            return _float32(lapack.top_eigenvectors(dec.tri, t))
+        except lapack.LapackError:
+            pass                       # MRRR gave up (it can, in theory): iterate on G instead
+    g = dec.gram if dec.gram is not None else gram(m)
+    lam = dec.lam if dec.lam is not None else np.asarray(dec.s, dtype=np.float64) ** 2
+    return leading_vectors(g, lam, t)
 
 
 def factors(dec, m, t):
     """A (d x t) = U_t S_t and B (t x k) = V_t^T, float32, ordered by singular value."""
-    g = dec.gram if dec.gram is not None else gram(m)
-    lam = dec.lam if dec.lam is not None else np.asarray(dec.s, dtype=np.float64) ** 2
-    q = leading_vectors(g, lam, t).to(device=m.device, dtype=m.dtype)
+    q = top_vectors(dec, m, t).to(device=m.device, dtype=m.dtype)
     if dec.tall:                       # q = V_t: A = M V_t = U_t S_t
         return (m @ q).contiguous(), q.T.contiguous()
     # q = U_t: B = U_t^T M = S_t V_t^T; normalise its rows to unit length (V_t^T) and move the

@@ -1,0 +1,81 @@
+"""The tridiagonal route (deltasvd/lapack.py) against numpy's float64 eigh, on fresh matrices."""
+
+import os
+
+import numpy as np
+import pytest
+
+from deltasvd import lapack, spectrum
+
+pytestmark = pytest.mark.skipif(not lapack.available(), reason="numpy has no OpenBLAS LAPACK")
+
+
+def fresh_gram(n, rank=None):
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((n + 7, rank or n)) @ (
+        rng.standard_normal((rank or n, n)) if rank else np.eye(n))
+    m *= np.exp(-np.arange(n) / max(n / 6, 1))          # a decaying spectrum, not a flat one
+    return m.T @ m, seed
+
+
+@pytest.mark.parametrize("n,t", [(1, 1), (2, 0), (3, 3), (64, 5), (320, 20), (700, 90)])
+def test_values_and_top_vectors_match_eigh(n, t):
+    g, seed = fresh_gram(n)
+    ref_w, ref_v = np.linalg.eigh(g)
+    tri = lapack.tridiagonalize(g.copy())
+    w = lapack.eigenvalues(tri)
+    assert np.abs(w - ref_w).max() <= 1e-13 * ref_w[-1], seed
+    q = lapack.top_eigenvectors(tri, t)
+    assert q.shape == (n, t)
+    if t == 0:
+        return
+    assert np.abs(q.T @ q - np.eye(t)).max() <= 1e-12, seed
+    # Same invariant subspace, vector by vector where the values are apart: |<q_i, v_i>| = 1,
+    # and the Rayleigh quotients are the top eigenvalues.
+    top = ref_v[:, ::-1][:, :t]
+    assert np.abs(np.abs(np.sum(q * top, axis=0)) - 1.0).max() <= 1e-9, seed
+    assert np.allclose(np.sum(q * (g @ q), axis=0), ref_w[::-1][:t], rtol=1e-12,
+                       atol=1e-13 * ref_w[-1]), seed
+
+
+def test_rank_deficient_gram():
+    g, seed = fresh_gram(200, rank=12)
+    ref_w = np.linalg.eigh(g)[0]
+    tri = lapack.tridiagonalize(g.copy())
+    w = lapack.eigenvalues(tri)
+    assert np.abs(w - ref_w).max() <= 1e-13 * ref_w[-1], seed
+    q = lapack.top_eigenvectors(tri, 12)
+    # All the energy of g is in the 12 vectors.
+    assert abs(np.trace(q.T @ g @ q) - np.trace(g)) <= 1e-12 * np.trace(g), seed
+
+
+def test_spectrum_falls_back_without_lapack(monkeypatch):
+    """Without the LAPACK symbols the values and factors come from eigvalsh and the subspace
+    iteration, and agree with the tridiagonal route."""
+    import torch
+    m = torch.randn(900, 300) * torch.exp(-torch.arange(300) / 40.0)
+    dec = spectrum.gram_spectrum(m)
+    assert dec.tri is not None and dec.gram is None
+    a, b = spectrum.factors(dec, m, 25)
+    monkeypatch.setattr(lapack, "available", lambda: False)
+    dec2 = spectrum.gram_spectrum(m)
+    assert dec2.tri is None and dec2.gram is not None
+    a2, b2 = spectrum.factors(dec2, m, 25)
+    assert np.allclose(dec.s, dec2.s, rtol=1e-12, atol=1e-12 * dec.s[0])
+    r1, r2 = spectrum.residual_norm(m, a, b), spectrum.residual_norm(m, a2, b2)
+    assert abs(r1 - r2) <= 1e-4 * r1
+    assert torch.allclose(a @ b, a2 @ b2, atol=1e-3 * float(a.norm()))
+
+
+def test_lapack_error_falls_back_to_iteration(monkeypatch):
+    import torch
+    m = torch.randn(500, 200)
+    dec = spectrum.gram_spectrum(m)
+
+    def refuse(tri, t):
+        raise lapack.LapackError("LAPACK dstemr returned info=1")
+    monkeypatch.setattr(lapack, "top_eigenvectors", refuse)
+    a, b = spectrum.factors(dec, m, 10)
+    exact = float(np.sqrt(np.sum(dec.s[10:] ** 2)))
+    assert abs(spectrum.residual_norm(m, a, b) - exact) <= 1e-3 * exact
