@@ -27,6 +27,7 @@ from .safetensors_io import file_sha256, tensor_data_sha256
 
 OVERSHOOT = 1.05  # size mode: code 5% over the estimated budget, then trim exactly
 MAX_WORKERS = 4   # layers coded at once on the CPU (memory: one delta each)
+QUEUED_PER_WORKER = 4   # keys handed out ahead per worker (a queued key holds no memory)
 _MANTISSA = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
 
@@ -87,8 +88,8 @@ def _check_finite(delta, b, t, base, tuned, key):
     raise DeltaError("contains NaN or Inf values", bad.path, key)
 
 
-def read_deltas(base, tuned, keys, counts, progress=None):
-    """Yield (key, float32 delta) for changed keys; the next pair is read in a thread."""
+def read_pairs(base, tuned, keys, progress=None):
+    """Yield (key, base tensor, tuned tensor); the next pair is read in a thread."""
     def load(key):
         return base.get(key), tuned.get(key)
 
@@ -97,21 +98,50 @@ def read_deltas(base, tuned, keys, counts, progress=None):
         for i, key in enumerate(keys):
             b, t = nxt.result()
             nxt = pool.submit(load, keys[i + 1]) if i + 1 < len(keys) else None
-            counts.read += 1
-            if t.dtype != b.dtype and _MANTISSA.get(t.dtype, 99) < _MANTISSA.get(b.dtype, 99):
-                # Storage rounding of the tuned file is not fine-tuning: compare like with like.
-                b = b.to(t.dtype)
-                counts.rounded += 1
-            if torch.equal(b, t):
-                counts.identical += 1
-            else:
-                counts.changed += 1
-                work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
-                delta = (t.to(work) - b.to(work)).float()
-                _check_finite(delta, b, t, base, tuned, key)
-                yield key, delta
+            yield key, b, t
+            del b, t
             if progress:
                 progress(i + 1, len(keys), key)
+
+
+@dataclass
+class PairDelta:
+    """What one key's pair of tensors came to: its float32 delta (None if identical)."""
+    key: str
+    delta: torch.Tensor
+    rounded: bool             # the base was rounded to the tuned file's dtype first
+
+    def __post_init__(self):
+        self.changed = self.delta is not None
+
+
+def pair_delta(key, b, t, base, tuned):
+    rounded = t.dtype != b.dtype and _MANTISSA.get(t.dtype, 99) < _MANTISSA.get(b.dtype, 99)
+    if rounded:
+        # Storage rounding of the tuned file is not fine-tuning: compare like with like.
+        b = b.to(t.dtype)
+    if torch.equal(b, t):
+        return PairDelta(key, None, rounded)
+    work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
+    delta = (t.to(work) - b.to(work)).float()
+    _check_finite(delta, b, t, base, tuned, key)
+    return PairDelta(key, delta, rounded)
+
+
+def count_pair(counts, pd):
+    counts.read += 1
+    counts.rounded += pd.rounded
+    counts.changed += pd.changed
+    counts.identical += not pd.changed
+
+
+def read_deltas(base, tuned, keys, counts, progress=None):
+    """Yield (key, float32 delta) for changed keys, counting every pair."""
+    for key, b, t in read_pairs(base, tuned, keys, progress):
+        pd = pair_delta(key, b, t, base, tuned)
+        count_pair(counts, pd)
+        if pd.changed:
+            yield key, pd.delta
 
 
 def _is_norm(base, key, param):
@@ -303,12 +333,19 @@ class Compressor:
         return lambda done, total, key: self.progress(stage, done, total, key)
 
     def _code_all(self, base, tuned, keys, counts, fixed_ranks):
-        """Code every changed key, `workers` keys at a time; results are kept in key order
-        so the file does not depend on which worker finished first."""
+        """Code every key, `workers` keys at a time; results are kept in key order so the file
+        does not depend on which worker finished first. Each worker reads its own pair and
+        forms its delta: the calling thread only hands out keys and collects, so it never
+        holds the workers up, and a queued key holds no memory."""
         records, tensors, extras, spectra = [], {}, {}, {}
+        progress = self._progress("compress")
 
         def collect(job):
-            for piece, (parts, s) in job.result():
+            pd, coded = job.result()
+            count_pair(counts, pd)
+            if progress:
+                progress(counts.read, len(keys), pd.key)
+            for piece, (parts, s) in coded:
                 if parts is None:
                     continue
                 idx = len(records)
@@ -324,16 +361,20 @@ class Compressor:
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         with blas_threads(threads), pool or nullcontext():
             pending = deque()
-            for key, delta in read_deltas(base, tuned, keys, counts,
-                                          self._progress("compress")):
-                pieces = split_pieces(key, delta, base, base.family)
-                pending.append(pool.submit(self._code_key, key, pieces, fixed_ranks) if pool
-                               else _done(self._code_key(key, pieces, fixed_ranks)))
-                del delta, pieces
-                while len(pending) > workers:   # bounds the deltas held in memory
+            try:
+                for key in keys:
+                    job = (self._code_pair, key, base, tuned, fixed_ranks)
+                    pending.append(pool.submit(*job) if pool else _done(job[0](*job[1:])))
+                    # Finished jobs hold only their factors, but keep the queue short so that
+                    # progress and cancelling follow the work closely.
+                    while len(pending) > QUEUED_PER_WORKER * workers:
+                        collect(pending.popleft())
+                while pending:
                     collect(pending.popleft())
-            while pending:
-                collect(pending.popleft())
+            except BaseException:
+                for job in pending:         # a cancel or an error: start nothing more
+                    job.cancel()
+                raise
         return records, tensors, extras, spectra
 
     def _parallelism(self):
@@ -344,6 +385,14 @@ class Compressor:
         cores = os.cpu_count() or 1
         workers = max(1, min(cores, MAX_WORKERS))
         return workers, max(1, cores // workers)
+
+    def _code_pair(self, key, base, tuned, fixed_ranks):
+        pd = pair_delta(key, base.get(key), tuned.get(key), base, tuned)
+        if not pd.changed:
+            return pd, []
+        pieces = split_pieces(key, pd.delta, base, base.family)
+        pd.delta = None        # the pieces hold what is needed of it
+        return pd, self._code_key(key, pieces, fixed_ranks)
 
     def _code_key(self, key, pieces, fixed_ranks):
         out = []

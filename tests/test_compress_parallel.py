@@ -1,5 +1,7 @@
 """Layers coded side by side: the same file as one at a time, and the hosts' threads restored."""
 
+import time
+
 import torch
 
 from deltasvd import compress
@@ -47,3 +49,35 @@ def test_worker_error_reaches_the_caller(tiny_pair, monkeypatch):
         assert "boom in a worker" in str(e)
     else:
         raise AssertionError("the worker's error was swallowed")
+
+
+def test_cancel_from_progress_starts_no_more_layers(tiny_pair, monkeypatch):
+    """A host's Cancel is raised from the progress callback: the keys still queued are
+    dropped, not coded, and progress arrives in key order."""
+    monkeypatch.setattr(compress, "MAX_WORKERS", 2)
+    monkeypatch.setattr(compress, "QUEUED_PER_WORKER", 2)
+    monkeypatch.setattr(compress.os, "cpu_count", lambda: 2)
+    coded, seen = [], []
+    real = compress.Compressor._code_pair
+
+    def counting(self, key, *args):
+        coded.append(key)
+        time.sleep(0.2)              # slow layers: the queue is still full at the cancel
+        return real(self, key, *args)
+    monkeypatch.setattr(compress.Compressor, "_code_pair", counting)
+
+    def progress(stage, done, total, key):
+        seen.append(key)
+        if done == 3:
+            raise KeyboardInterrupt("cancelled")
+    base, tuned = compress.open_pair(*tiny_pair)
+    keys = compress.plan_keys(base, tuned, compress.Counts())
+    try:
+        compress.Compressor(RankRule("energy", 0.5), progress=progress).run_readers(base, tuned)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the cancel was swallowed")
+    assert seen == keys[:3]
+    # Keys 4-7 were handed out; the two workers may have started two of them, not more.
+    assert 3 <= len(coded) <= 5 < len(keys), coded
