@@ -10,8 +10,8 @@ import heapq
 import math
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -333,49 +333,55 @@ class Compressor:
         return lambda done, total, key: self.progress(stage, done, total, key)
 
     def _code_all(self, base, tuned, keys, counts, fixed_ranks):
-        """Code every key, `workers` keys at a time; results are kept in key order so the file
-        does not depend on which worker finished first. Each worker reads its own pair and
-        forms its delta: the calling thread only hands out keys and collects, so it never
-        holds the workers up, and a queued key holds no memory."""
+        """Code every key; results are taken in key order so the file does not depend on
+        which worker finished first."""
         records, tensors, extras, spectra = [], {}, {}, {}
         progress = self._progress("compress")
-
-        def collect(job):
-            pd, coded = job.result()
-            count_pair(counts, pd)
-            if progress:
-                progress(counts.read, len(keys), pd.key)
-            for piece, (parts, s) in coded:
-                if parts is None:
-                    continue
-                idx = len(records)
-                records.append(piece.rec)
-                _store(piece.rec, parts, tensors, extras)
-                if s is not None:
-                    spectra[idx] = (s, s)
-                counts.svd64 += piece.rec.precision == "svd64"
-
         workers, threads = self._parallelism()
-        # One worker (an accelerator, or one core) codes in the calling thread: the host's
-        # per-thread settings (TF32 off, see _exact_cuda_math) then hold for every product.
-        pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-        with blas_threads(threads), pool or nullcontext():
+        with blas_threads(threads):
+            jobs = (self._coded_in_pool(keys, base, tuned, fixed_ranks, workers) if workers > 1
+                    else self._coded_inline(keys, base, tuned, fixed_ranks))
+            with closing(jobs):
+                for pd, coded in jobs:
+                    count_pair(counts, pd)
+                    if progress:
+                        progress(counts.read, len(keys), pd.key)
+                    for piece, (parts, s) in coded:
+                        if parts is None:
+                            continue
+                        idx = len(records)
+                        records.append(piece.rec)
+                        _store(piece.rec, parts, tensors, extras)
+                        if s is not None:
+                            spectra[idx] = (s, s)
+                        counts.svd64 += piece.rec.precision == "svd64"
+        return records, tensors, extras, spectra
+
+    def _coded_in_pool(self, keys, base, tuned, fixed_ranks, workers):
+        """`workers` keys at a time. Each worker reads its own pair and forms its delta: the
+        calling thread only hands out keys and collects, so it never holds the workers up,
+        and a queued key holds no memory."""
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             pending = deque()
             try:
                 for key in keys:
-                    job = (self._code_pair, key, base, tuned, fixed_ranks)
-                    pending.append(pool.submit(*job) if pool else _done(job[0](*job[1:])))
-                    # Finished jobs hold only their factors, but keep the queue short so that
-                    # progress and cancelling follow the work closely.
+                    pending.append(pool.submit(self._code_pair, key, base, tuned, fixed_ranks))
+                    # Keep the queue short so that progress and cancelling follow the work.
                     while len(pending) > QUEUED_PER_WORKER * workers:
-                        collect(pending.popleft())
+                        yield pending.popleft().result()
                 while pending:
-                    collect(pending.popleft())
-            except BaseException:
-                for job in pending:         # a cancel or an error: start nothing more
+                    yield pending.popleft().result()
+            except BaseException:          # a cancel or an error: start nothing more
+                for job in pending:
                     job.cancel()
                 raise
-        return records, tensors, extras, spectra
+
+    def _coded_inline(self, keys, base, tuned, fixed_ranks):
+        """One worker (an accelerator, or one core) codes in the calling thread, the next pair
+        read in a thread meanwhile: the host's per-thread settings (TF32 off, see
+        _exact_cuda_math) then hold for every product."""
+        for key, b, t in read_pairs(base, tuned, keys):
+            yield self._code_read(key, b, t, base, tuned, fixed_ranks)
 
     def _parallelism(self):
         """(workers, BLAS threads each). On the CPU: layers side by side, single-threaded,
@@ -387,7 +393,11 @@ class Compressor:
         return workers, max(1, cores // workers)
 
     def _code_pair(self, key, base, tuned, fixed_ranks):
-        pd = pair_delta(key, base.get(key), tuned.get(key), base, tuned)
+        return self._code_read(key, base.get(key), tuned.get(key), base, tuned, fixed_ranks)
+
+    def _code_read(self, key, b, t, base, tuned, fixed_ranks):
+        pd = pair_delta(key, b, t, base, tuned)
+        del b, t
         if not pd.changed:
             return pd, []
         pieces = split_pieces(key, pd.delta, base, base.family)
@@ -411,12 +421,6 @@ class Compressor:
         if fixed_ranks is not None and fixed_ranks.get((key, j), 0) == 0:
             return None, None   # the budget gave this layer nothing
         return code_matrix(piece, rule, self.dtype, self.device, self.codec.factor_bits)
-
-
-def _done(result):
-    job = Future()
-    job.set_result(result)
-    return job
 
 
 @contextmanager
