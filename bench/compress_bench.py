@@ -161,6 +161,17 @@ def run_child(cmd, log_path, limit_mb, timeout_s):
     return proc.returncode, wall, usage.ru_maxrss / 1024.0, killed
 
 
+def warm_page_cache(paths, chunk=64 << 20):
+    """Read the input files once, untimed, so that every tool starts from the page cache: the
+    first tool of a run would otherwise pay for the disk alone (SD1.5: 48 s cold against 37 s
+    warm for ours)."""
+    buf = bytearray(chunk)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
 def tail(path, n=15):
     try:
         return "".join(Path(path).read_text(errors="replace").splitlines(True)[-n:])
@@ -218,6 +229,7 @@ def run_tool(tool, base, tuned, out_dir, family, scale, args):
         lim = f" [RSS limit {limit / 1024:.1f} GB]" if limit else ""
         print(f"  {tool}{' (' + part + ')' if part else ''}: {' '.join(cmd[1:4])} ...{lim}",
               flush=True)
+        warm_page_cache((base, tuned))
         rc, wall, rss, killed = run_child(cmd, log, limit, args.timeout)
         print(f"    rc {rc}, {wall:.1f} s, peak RSS {rss:.0f} MB {killed}", flush=True)
         run.parts.append((part, round(wall, 2), round(rss)))
