@@ -1,9 +1,10 @@
 """Two checkpoints -> one Delta (in memory). Streaming: one key pair in memory per worker.
 
 Flow: open_pair -> plan the keys -> each worker reads a pair (one worker: the next pair is
-read in a thread meanwhile) -> dtype-aware delta -> split into LoRA targets or extras -> code each piece (SVD factors, dense
-or exact) -> complete the modules hosts need whole -> Delta. A size budget needs every
-spectrum before any rank is known: pass 1 collects spectra, pass 2 codes with the allocation.
+read in a thread meanwhile) -> dtype-aware delta -> split into LoRA targets or extras -> code
+each piece (SVD factors, dense or exact) -> complete the modules hosts need whole -> Delta.
+A size budget needs every spectrum before any rank is known: pass 1 collects spectra, pass 2
+codes with the allocation.
 """
 
 import heapq
