@@ -92,8 +92,10 @@ def tridiagonalize(g):
     """Reduce the symmetric float64 matrix g in place (its storage becomes `h`)."""
     lp = _binding()
     n = g.shape[0]
-    # g is symmetric, so its C-ordered storage read in Fortran order is the same matrix.
-    h = g.T if g.flags.c_contiguous else np.asfortranarray(g)
+    if g.dtype == np.float64 and g.flags.c_contiguous:
+        h = g.T      # g is symmetric: its C-ordered storage read in Fortran order is g again
+    else:
+        h = np.asfortranarray(g, dtype=np.float64)
     diag, off, tau = np.empty(n), np.empty(max(n - 1, 1)), np.empty(max(n - 1, 1))
     work = np.empty(1)
     for lwork in (-1, None):                       # workspace query, then the reduction

@@ -79,3 +79,12 @@ def test_lapack_error_falls_back_to_iteration(monkeypatch):
     a, b = spectrum.factors(dec, m, 10)
     exact = float(np.sqrt(np.sum(dec.s[10:] ** 2)))
     assert abs(spectrum.residual_norm(m, a, b) - exact) <= 1e-3 * exact
+
+
+def test_float32_or_fortran_input_is_reduced_as_float64():
+    g, seed = fresh_gram(50)
+    ref = np.linalg.eigvalsh(g)
+    for x in (g.astype(np.float32), np.asfortranarray(g)):
+        w = lapack.eigenvalues(lapack.tridiagonalize(x.copy(order="K")))
+        tol = 1e-5 if x.dtype == np.float32 else 1e-13
+        assert np.abs(w - ref).max() <= tol * ref[-1], seed
