@@ -30,13 +30,11 @@ def _add_rule_args(p, required=True):
     p.add_argument("--max-rank", type=int, default=None, help="upper clamp on every rank")
 
 
-RULE_OPTIONS = (("energy", "energy"), ("fro", "fro"), ("rank", "rank"), ("size_mb", "size_mb"))
-
-
 def _rule(args):
-    from .ranks import RankRule
-    for mode, attr in RULE_OPTIONS:
-        value = getattr(args, attr)
+    """The rule the options name (the option of each mode is named after it), or None."""
+    from .ranks import MODES, RankRule
+    for mode in MODES:
+        value = getattr(args, mode)
         if value is not None:
             return RankRule(mode, value, args.min_rank, args.max_rank)
     return None
@@ -45,21 +43,24 @@ def _rule(args):
 def codec_problem(args):
     """Why the options of `compress` do not name one codec setting, or None: svd needs a rank
     rule, dct a --bits budget and no rule."""
-    has_rule = any(getattr(args, attr) is not None for _, attr in RULE_OPTIONS)
+    from .dct_codec import MAX_BITS as DCT_MAX_BITS
+    from .quant import MAX_BITS as FACTOR_MAX_BITS
+    from .ranks import MODES
+    has_rule = any(getattr(args, mode) is not None for mode in MODES)
     if args.codec == "dct":
         if args.bits is None:
             return "--codec dct needs --bits B (bits per parameter, e.g. 1)"
         if has_rule or args.factor_bits is not None:
             return "--codec dct takes --bits only (no rank rule, no --factor-bits)"
-        if not 0 < args.bits <= 8:
-            return "--bits must lie in (0, 8]"
+        if not 0 < args.bits <= DCT_MAX_BITS:
+            return f"--bits must lie in (0, {DCT_MAX_BITS}]"
         return None
     if not has_rule:
         return "--codec svd needs one of --energy, --fro, --rank, --size-mb"
     if args.bits is not None:
         return "--bits is for --codec dct; quantized factors: --factor-bits"
-    if args.factor_bits is not None and not 1 <= args.factor_bits <= 8:
-        return "--factor-bits must lie in 1..8"
+    if args.factor_bits is not None and not 1 <= args.factor_bits <= FACTOR_MAX_BITS:
+        return f"--factor-bits must lie in 1..{FACTOR_MAX_BITS}"
     return None
 
 
@@ -257,8 +258,9 @@ def main(argv=None):
     _large_pages()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "compress" and codec_problem(args):
-        parser.error(codec_problem(args))      # exit 2, like argparse's own checks
+    problem = codec_problem(args) if args.command == "compress" else None
+    if problem:
+        parser.error(problem)                  # exit 2, like argparse's own checks
     try:
         COMMANDS[args.command](args)
     except UsageError as e:

@@ -140,12 +140,12 @@ def leading_vectors(g, lam, t):
             y = g @ x                      # one product per step: Ritz values and next step
             theta, w = la.eigh(x.T @ y)
             if best - float(theta[-t:].sum()) <= SUBSPACE_TOL * left_out:
-                return _first_reversed(x @ w[:, -t:], t)
+                return _first_reversed(x @ w[:, -t:])
     _, q = la.eigh(g)                      # wide subspaces or slow convergence: all of them
-    return _first_reversed(q[:, -t:] if t else q[:, :0], t)
+    return _first_reversed(q[:, -t:] if t else q[:, :0])
 
 
-def _first_reversed(q, t):
+def _first_reversed(q):
     """Columns in reverse order (eigh is ascending), as a float32 tensor."""
     if isinstance(q, np.ndarray):
         return _float32(q[:, ::-1])
