@@ -21,7 +21,7 @@ import torch
 from . import dct_codec, lora_names, quant, spectrum
 from .blas_threads import blas_threads
 from .checkpoint import is_ignored, open_pair
-from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, lora_parts, tensor_names
+from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, lora_parts, store_parts, tensor_names
 from .errors import DeltaError
 from .ranks import RankRule, allocate_budget
 from .safetensors_io import file_sha256, tensor_data_sha256
@@ -352,7 +352,7 @@ class Compressor:
                             continue
                         idx = len(records)
                         records.append(piece.rec)
-                        _store(piece.rec, parts, tensors, extras)
+                        store_parts(piece.rec, parts, tensors, extras)
                         if s is not None:
                             spectra[idx] = (s, s)
                         counts.svd64 += piece.rec.precision == "svd64"
@@ -456,14 +456,6 @@ def _reserved_bytes(spectra, base, tuned, keys):
     one_d = sum(4 * int(np.prod(tuned.shape(k))) for k in keys if len(tuned.shape(k)) <= 1)
     per_record = 250 * (len(spectra) + len(keys))   # JSON records, ranks, tensor headers
     return 2048 + n_values * 2 * 4 / 3 + one_d + per_record
-
-
-def _store(rec, parts, tensors, extras):
-    names = tensor_names(rec)
-    dst = extras if rec.extra else tensors
-    for part, tensor in parts.items():
-        if part in names:
-            dst[names[part]] = tensor
 
 
 def _complete_modules(records, tensors, modules, dtype):

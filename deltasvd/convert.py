@@ -5,8 +5,8 @@ are already LoRA parts (1-D deltas, dense fallbacks, zero fills) are kept as the
 
 from dataclasses import replace
 
-from .compress import Piece, _fmt, _store, code_matrix, storage_dtype
-from .delta_file import CODED_PARTS, Delta, reconstruct
+from .compress import Piece, _fmt, code_matrix, storage_dtype
+from .delta_file import CODED_PARTS, Delta, reconstruct, store_parts
 from .errors import DeltaError
 
 
@@ -39,7 +39,7 @@ def to_lora(delta, rule, dtype="fp16", device="cpu", progress=None, where=None):
             if i in delta.spectra:
                 spectra[len(records)] = delta.spectra[i]
         records.append(new)
-        _store(new, parts, tensors, extras)
+        store_parts(new, parts, tensors, extras)
         if progress:
             progress("convert", i + 1, len(delta.records), rec.key)
     info = dict(delta.info)

@@ -152,8 +152,7 @@ def _encode(m, bits_per_param, p):
     norms = torch.linalg.vector_norm(x.reshape(gr, p, gc, p), dim=(1, 3)).reshape(-1)
     scales = (norms / p).to(SCALE_DTYPE)
     budget = bits_per_param * d * k - side_bits(n)
-    bits = torch.from_numpy(allocate_bits(scales.double().numpy(), budget, p * p))
-    bits = torch.where(scales > 0, bits, torch.zeros_like(bits))
+    bits = torch.from_numpy(allocate_bits(scales.double().numpy(), budget, p * p))  # 0 at scale 0
     step = _steps(scales.float(), bits).reshape(gr, gc)
     half = (2.0 ** (bits - 1).clamp(min=0)).float().reshape(gr, gc)
     e2 = torch.empty(gr, gc, dtype=torch.float64)

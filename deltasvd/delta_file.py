@@ -45,6 +45,7 @@ from .safetensors_io import HEADER_LIMIT, SafeTensorsFile, write_tensors
 FORMAT = "deltasvd"
 VERSION = "1"
 KNOWN_CODECS = ("svd", "qsvd", "dct")
+FACTORED_KINDS = ("svd", "qsvd")   # records stored as factors of a rank
 CODED_PREFIX = "deltasvd:"   # tensor names in files of a codec other than "svd"
 EXTRAS_PREFIX = CODED_PREFIX + "extra:"   # ... and their extras (a tensor, not the blob)
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -98,14 +99,18 @@ CODED_PARTS = {"qsvd": ("q_bits", "up_codes", "up_scales", "down_codes", "down_s
                "dct": ("dct_codes", "dct_scales", "dct_bits")}
 
 
+def _extra_base(rec):
+    """An extra's name: its checkpoint key, with the rows it covers."""
+    return rec.key if rec.rows is None else f"{rec.key}[{rec.rows[0]}:{rec.rows[1]}]"
+
+
 def tensor_names(rec):
     """File tensor names of a record's parts."""
     if rec.kind in CODED_PARTS:
-        base = rec.name if not rec.extra else (
-            rec.key if rec.rows is None else f"{rec.key}[{rec.rows[0]}:{rec.rows[1]}]")
+        base = _extra_base(rec) if rec.extra else rec.name
         return {part: f"{base}.{part}" for part in CODED_PARTS[rec.kind]}
     if rec.extra:
-        base = rec.key if rec.rows is None else f"{rec.key}[{rec.rows[0]}:{rec.rows[1]}]"
+        base = _extra_base(rec)
         if rec.kind == "svd":
             return {"up": base + ".lora_up", "down": base + ".lora_down"}
         return {"diff": base + ".diff"}
@@ -117,6 +122,15 @@ def tensor_names(rec):
     if rec.norm:
         return {"diff": m + (".w_norm" if rec.param == "weight" else ".b_norm")}
     return {"diff": m + (".diff" if rec.param == "weight" else ".diff_b")}
+
+
+def store_parts(rec, parts, tensors, extras):
+    """Put a record's parts under their file names, in `extras` for an extra."""
+    names = tensor_names(rec)
+    dst = extras if rec.extra else tensors
+    for part, tensor in parts.items():
+        if part in names:
+            dst[names[part]] = tensor
 
 
 def lora_parts(rec, a, b):
@@ -180,10 +194,7 @@ def decoded_delta(delta):
         if rec.kind in CODED_PARTS:
             kind, parts = decode_parts(rec, parts)
             rec = replace(rec, kind="svd" if kind == "svd" else "dense", patch=0)
-        dst = extras if rec.extra else tensors
-        for part, name in tensor_names(rec).items():
-            if part in parts:
-                dst[name] = parts[part]
+        store_parts(rec, parts, tensors, extras)
         records.append(rec)
     info = dict(delta.info, codec="svd", decoded_from=delta.info.get("codec"))
     return Delta(family=delta.family, records=records, tensors=tensors, extras=extras,
