@@ -79,16 +79,22 @@ def resize_delta(delta, rule, name="delta", where=None):
 
 def resize_file(src, out, rule, overwrite=False):
     delta = resize_delta(read_delta(src), rule, output_name(out), where=src)
-    size = save_delta(delta, out, overwrite=overwrite, inputs=(src,))
-    return delta, size
+    return delta, _saved_as(delta, out, src, overwrite)
 
 
 def convert_file(src, out, rule, dtype="fp16", device="cpu", overwrite=False, progress=None):
     """A qsvd / dct delta file -> a LoRA-format delta file (decode, then factor again)."""
     check_output_path(out, overwrite, (src,))
     delta = to_lora(read_delta(src), rule, dtype, device, progress, where=src)
+    return delta, _saved_as(delta, out, src, overwrite)
+
+
+def _saved_as(delta, out, src, overwrite):
+    """Write a delta made from the file `src`; afterwards (the metadata is written without
+    it) it is named as its new file, for reports. Returns the size."""
     size = save_delta(delta, out, overwrite=overwrite, inputs=(src,))
-    return delta, size
+    delta.info["file"] = os.path.basename(out)
+    return size
 
 
 def make_codec(name="svd", bits=None, factor_bits=None):

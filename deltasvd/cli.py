@@ -202,7 +202,6 @@ def cmd_resize(args):
     from .api import resize_file
     from .summary import inspect_text
     delta, size = resize_file(args.delta, args.output, _rule(args), args.overwrite)
-    delta.info["file"] = os.path.basename(args.output)
     print(inspect_text(delta, size))
     print(f"\nwrote {args.output}")
 
@@ -216,7 +215,6 @@ def cmd_convert(args):
                                    _device(args.device), args.overwrite, progress)
     finally:
         close()
-    delta.info["file"] = os.path.basename(args.output)
     print(inspect_text(delta, size))
     print(f"\nwrote {args.output}")
 

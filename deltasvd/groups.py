@@ -6,6 +6,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .delta_file import FACTORED_KINDS
+
 UNET = "model.diffusion_model."
 GROUP_ORDER = ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "down_blocks.2",
                "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2",
@@ -50,7 +52,7 @@ def group_rows(records, nbytes_of):
         row = acc[g] or {"group": g, "pieces": 0, "ranks": [], "dense": 0, "exact": 0,
                          "bytes": 0, "err2": 0.0, "norm2": 0.0}
         row["pieces"] += 1
-        if rec.kind in ("svd", "qsvd") and rec.n:
+        if rec.kind in FACTORED_KINDS and rec.n:
             row["ranks"].append(rec.rank)
         row["dense"] += rec.kind == "dense"
         row["exact"] += rec.kind == "exact"

@@ -3,7 +3,7 @@
 import numpy as np
 
 from .checkpoint import FAMILIES
-from .delta_file import tensor_names
+from .delta_file import FACTORED_KINDS, tensor_names
 from .groups import format_table, group_rows
 
 
@@ -70,7 +70,7 @@ def _codec_line(info):
 
 def inspect_text(delta, file_bytes):
     info = delta.info
-    svd = [r for r in delta.records if r.kind in ("svd", "qsvd") and r.n]
+    svd = [r for r in delta.records if r.kind in FACTORED_KINDS and r.n]
     dct = sum(r.kind == "dct" for r in delta.records)
     params = sum(t.numel() for t in delta.tensors.values())
     lines = [

@@ -85,10 +85,11 @@ def _slider_update(explorer, mode, host):
 
 def _explore_tab(host):
     c = {}
+    checkpoints = list(host.checkpoints())          # one walk of the models folder
     with gr.Row():
-        c["base"] = _make(gr.Dropdown, choices=list(host.checkpoints()), label="base checkpoint",
+        c["base"] = _make(gr.Dropdown, choices=checkpoints, label="base checkpoint",
                           allow_custom_value=True, elem_id="dsvd-base")
-        c["tuned"] = _make(gr.Dropdown, choices=list(host.checkpoints()),
+        c["tuned"] = _make(gr.Dropdown, choices=checkpoints,
                            label="fine-tuned checkpoint", allow_custom_value=True,
                            elem_id="dsvd-tuned")
         c["dtype"] = _make(gr.Radio, choices=DTYPES, value="fp16", label="factor dtype",
@@ -130,8 +131,10 @@ def _explore_tab(host):
     def do_analyze(base, tuned, dtype, mode, sort, progress=gr.Progress()):
         try:
             names = host.checkpoints()
-            b = actions.resolve(base, names, "base")
-            t = actions.resolve(tuned, names, "fine-tuned")
+            b = actions.resolve(base, names, "choose the base checkpoint",
+                                "base checkpoint not found")
+            t = actions.resolve(tuned, names, "choose the fine-tuned checkpoint",
+                                "fine-tuned checkpoint not found")
             explorer = actions.analyse(b, t, dtype, _progress(progress))
             slider = _slider_update(explorer, mode, host)
             value = slider["value"]
@@ -212,12 +215,7 @@ def _inspect_tab(host):
                    elem_id="dsvd-resized", elem_classes=["dsvd-mono"])
 
     def path_of(choice):
-        if not choice:
-            raise DeltaError("choose a delta file")
-        path = names().get(choice, choice)
-        if not os.path.isfile(path):
-            raise DeltaError("file not found", path)
-        return path
+        return actions.resolve(choice, names(), "choose a delta file", "file not found")
 
     def do_inspect(choice):
         try:

@@ -46,13 +46,14 @@ def list_files(folder, exts=MODEL_EXTS):
     return dict(sorted(out.items()))
 
 
-def resolve(choice, choices, what):
-    """A dropdown choice (a label of `choices`, or a typed path) -> an existing file."""
+def resolve(choice, choices, empty, missing):
+    """A dropdown choice (a label of `choices`, or a typed path) -> an existing file; the
+    errors say `empty` (nothing chosen) or `missing` (no such file)."""
     if not choice:
-        raise DeltaError(f"choose the {what} checkpoint")
+        raise DeltaError(empty)
     path = choices.get(choice, choice)
     if not os.path.isfile(path):
-        raise DeltaError(f"{what} checkpoint not found", path)
+        raise DeltaError(missing, path)
     return path
 
 
@@ -138,5 +139,4 @@ def resize(src, folder, name, mode, value):
     from .ranks import RankRule
     out = output_path(folder, name)
     delta, size = resize_file(src, out, RankRule(mode, float(value)))
-    delta.info["file"] = os.path.basename(out)
     return out, inspect_text(delta, size)

@@ -8,7 +8,7 @@ import comfy.utils
 
 from ..deltasvd.api import host_meta_fn
 from ..deltasvd.compress import relative_error
-from ..deltasvd.delta_file import file_size
+from ..deltasvd.delta_file import FACTORED_KINDS, file_size
 from ..deltasvd.errors import DeltaError
 from ..deltasvd.ranks import RankRule
 
@@ -116,7 +116,7 @@ def delta_bytes(delta, name="delta"):
 def stats(delta, size=None, name="delta"):
     """What the frontend extension shows on a node: size, ratio, error, ranks."""
     size = delta_bytes(delta, name) if size is None else size
-    ranks = [r.rank for r in delta.records if r.kind in ("svd", "qsvd") and r.n]
+    ranks = [r.rank for r in delta.records if r.kind in FACTORED_KINDS and r.n]
     out = {
         "size_mb": round(size / 2**20, 3),
         "rel_error": round(relative_error(delta.records), 5),

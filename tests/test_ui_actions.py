@@ -39,7 +39,8 @@ def test_unreadable_file_names_it(pair, tmp_path):
         actions.analyse(pair[0], str(junk), "fp16")
     assert "junk.safetensors" in str(e.value)
     with pytest.raises(DeltaError, match="not found"):
-        actions.resolve("missing.safetensors", {}, "base")
+        actions.resolve("missing.safetensors", {}, "choose the base checkpoint",
+                        "base checkpoint not found")
 
 
 def test_save_writes_into_the_lora_folder(pair, explorer, tmp_path):
