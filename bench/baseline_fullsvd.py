@@ -8,7 +8,7 @@
   rank by the paper's energy rule on those float32 values (smallest t with
   sum(s[:t]) / sum(s) >= T, at least 1), A = U_t S_t and B = V_t^T stored fp16;
 * OpenCLIP's fused `in_proj_weight` is split into q, k, v rows (as ComfyUI and A1111 name them);
-* kohya LoRA names (`deltasvd.lora_names`, the names ComfyUI and A1111 both load), alpha = rank;
+* kohya LoRA names (`deltasvd.families`, the names ComfyUI and A1111 both load), alpha = rank;
   SDXL's `text_projection` goes under ComfyUI's `lora_te2_text_projection` (transposed, as
   ComfyUI holds it); a changed matrix with no LoRA name is skipped and counted;
 * 1-D tensors (biases, norms) are not stored: this baseline is about the matrix layers.
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deltasvd.lora_names import targets  # noqa: E402
+from deltasvd import families  # noqa: E402
 
 PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
 TEXT_PROJECTION = {"conditioner.embedders.1.model.text_projection": "lora_te2_text_projection"}
@@ -92,7 +92,7 @@ def main(argv=None):
         if key in TEXT_PROJECTION:
             pieces = [(TEXT_PROJECTION[key], delta.T.contiguous(), None)]
         else:
-            tg = targets(key, tuple(b.shape), family)
+            tg = families.family(family).targets(key, tuple(b.shape), base)
             if not tg:
                 skipped.append(key)
                 continue

@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from deltasvd import fixtures  # noqa: E402
-from deltasvd.lora_names import targets  # noqa: E402
+from deltasvd import families  # noqa: E402
 from deltasvd.ranks import RankRule, is_dense  # noqa: E402
 
 FAMILIES = {"sd15": dict(lora="sd1", dtype=torch.float32, clips=("clip_l",)),
@@ -416,7 +416,7 @@ def lookup_table(shapes, family):
     for key, shape in shapes.items():
         if len(shape) < 2:
             continue
-        for t in targets(key, shape, FAMILIES[family]["lora"]) or ():
+        for t in families.family(FAMILIES[family]["lora"]).targets(key, shape, shapes) or ():
             if t.param == "weight":
                 table[t.module] = ((key, t.rows), False)
         if key in TEXT_PROJECTION:
@@ -576,7 +576,7 @@ def evaluate(base, tuned, family, runs, rank_tools, rank_every):
         if not b.is_floating_point() or torch.equal(b, t):
             continue
         delta = (t.double() - b.double()).reshape(b.shape[0], -1)
-        tg = targets(key, shapes[key], FAMILIES[family]["lora"])
+        tg = families.family(FAMILIES[family]["lora"]).targets(key, shapes[key], shapes)
         for rows in ([x.rows for x in tg if x.param == "weight"] if tg else [None]):
             lid = (key, rows)
             m = delta[rows[0]: rows[1]] if rows else delta

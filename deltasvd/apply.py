@@ -5,7 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .checkpoint import FAMILIES, Checkpoint, canonical_key
+from . import families, quantized
+from .checkpoint import Checkpoint
 from .compress import _fingerprint
 from .delta_file import read_delta, reconstruct
 from .errors import DeltaError
@@ -33,8 +34,8 @@ def delta_for(delta, recs, shape):
 
 def check_family(delta, family, where):
     if delta.family != family:
-        raise DeltaError(f"this delta is for {FAMILIES.get(delta.family, delta.family)}, the "
-                         f"model is {FAMILIES.get(family, family)}", where)
+        raise DeltaError(f"this delta is for {families.title(delta.family)}, the "
+                         f"model is {families.title(family)}", where)
 
 
 def apply_file(base_path, delta_path, out_path, strength=1.0, force=False, overwrite=False,
@@ -45,19 +46,26 @@ def apply_file(base_path, delta_path, out_path, strength=1.0, force=False, overw
     base = Checkpoint(base_path, allow_pickle)
     try:
         check_family(delta, base.family, base.path)
+        if base.fused:
+            raise DeltaError("apply writes the base's own layout, and this base is in the "
+                             "diffusers layout; apply to the single-file (ComfyUI) release of "
+                             "the base, or load the delta as a LoRA", base.path)
         by_key = records_by_key(delta)
         missing = [k for k in by_key if k not in base.key_map]
         if missing:
             raise DeltaError("the base has no tensor this delta patches", base.path, missing[0])
         raw_keys = base.raw.keys()
+        canonical = {raw: key for key, raw in base.key_map.items()}
         layout = [(k, base.raw.dtype(k), base.raw.shape(k)) for k in raw_keys]
 
         def produce(writer):
             for i, raw in enumerate(raw_keys):
-                t = base.raw.get(raw)
-                recs = by_key.get(canonical_key(raw))
+                key = canonical.get(raw)
+                recs = by_key.get(key)
                 if recs:
-                    t = (t.float() + strength * delta_for(delta, recs, t.shape)).to(t.dtype)
+                    t = patched(base, key, raw, delta, recs, strength)
+                else:
+                    t = base.raw.get(raw)
                 writer.write(raw, t)
                 if progress:
                     progress("apply", i + 1, len(raw_keys), raw)
@@ -70,6 +78,14 @@ def apply_file(base_path, delta_path, out_path, strength=1.0, force=False, overw
     finally:
         base.close()
     return len(by_key)
+
+
+def patched(base, key, raw, delta, recs, strength):
+    """base + strength * delta of one tensor, stored as the base stores it (fp8 and scaled
+    fp8 included: the scale stays, the weight is quantized again with it)."""
+    real = base.get(key).float()
+    new = real + strength * delta_for(delta, recs, real.shape)
+    return quantized.store_like(new, base.raw.dtype(raw), base.scale(key), base.path, key)
 
 
 def _check_fingerprint(delta, base, hashing, force):

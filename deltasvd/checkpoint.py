@@ -1,31 +1,34 @@
-"""Opening a checkpoint: key normalisation, family detection, pair validation.
+"""Opening a checkpoint: key layouts, family detection, pair validation.
 
-Every key is brought to the single-file LDM/SGM layout (`model.diffusion_model.*`,
-`cond_stage_model.*`, `conditioner.embedders.N.*`, `first_stage_model.*`), so a UNet-only file
-(bare `input_blocks.*` or `diffusion_model.*` keys) pairs with a full checkpoint.
+Every file's keys are brought to one canonical layout, so files of different layouts pair:
+- SD: the single-file LDM/SGM layout (`model.diffusion_model.*`, `cond_stage_model.*`,
+  `conditioner.embedders.N.*`, `first_stage_model.*`); a UNet-only file (bare `input_blocks.*`
+  or `diffusion_model.*` keys) gains the prefix;
+- every other family: ComfyUI's all-in-one layout (`model.diffusion_model.*`,
+  `text_encoders.*`, `vae.*`); a diffusion-model-only file (bare keys, what ComfyUI's "Load
+  Diffusion Model" reads) gains the `model.diffusion_model.` prefix.
+The family then comes from the canonical keys (`families.detect`).
 """
 
 import os
 import pickle
+from dataclasses import dataclass
 
 import torch
 
+from . import families, quantized
 from .errors import DeltaError
 from .safetensors_io import SafeTensorsFile
 
-UNET = "model.diffusion_model."
-FAMILIES = {
-    "sd1": "Stable Diffusion 1.x",
-    "sd2": "Stable Diffusion 2.x",
-    "sdxl": "Stable Diffusion XL",
-}
-# ComfyUI / A1111 / kohya words for each family.
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                "sdxl": "stable-diffusion-xl-v1-base"}
+UNET = families.UNET
+# A key under one of these names its part of the model; a file none of whose keys does is a
+# bare diffusion model.
+_TOP_LEVEL = ("model.", "diffusion_model.", "cond_stage_model.", "conditioner.",
+              "first_stage_model.", "text_encoders.", "vae.", "model_ema.")
 _UNET_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.",
                "label_emb.")
 _DIFFUSERS_HINTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.")
+_DIFFUSERS_DIT_HINTS = ("single_transformer_blocks.", "transformer.", "unet.")
 
 
 def is_ignored(key):
@@ -34,16 +37,27 @@ def is_ignored(key):
         key.endswith("num_batches_tracked")
 
 
-def canonical_key(key):
-    """Map a key of any supported layout to the single-file checkpoint layout."""
-    if key.startswith(UNET) or key.startswith(("cond_stage_model.", "conditioner.",
-                                               "first_stage_model.", "model_ema.")):
+def canonical_key(key, bare=False):
+    """Map a key of any supported layout to the canonical one. `bare`: the file holds a
+    diffusion model alone, under its own key names."""
+    if bare:
+        return UNET + key
+    if key.startswith(UNET) or key.startswith(_TOP_LEVEL[2:]):
         return key
     if key.startswith("diffusion_model."):
         return "model." + key
     if key.startswith(_UNET_ROOTS):
         return UNET + key
     return key
+
+
+def canonical_keys(raw_keys):
+    """{canonical key: raw key} of a file's keys (the first raw key wins a clash)."""
+    bare = not any(k.startswith(_TOP_LEVEL) for k in raw_keys)
+    key_map = {}
+    for raw in raw_keys:
+        key_map.setdefault(canonical_key(raw, bare), raw)
+    return key_map
 
 
 class LegacyCheckpoint:
@@ -95,6 +109,21 @@ class LegacyCheckpoint:
         self._sd = {}
 
 
+@dataclass(frozen=True)
+class Fused:
+    """A canonical tensor made of diffusers tensors: concatenated along the rows, then, for
+    `swap`, its two halves exchanged (diffusers' scale, shift vs BFL's shift, scale)."""
+    parts: tuple
+    swap: bool = False
+
+    def join(self, tensors):
+        t = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        if self.swap:
+            half = t.shape[0] // 2
+            t = torch.cat([t[half:], t[:half]])
+        return t
+
+
 class Checkpoint:
     """A model file with canonical keys. `raw` is the underlying reader."""
 
@@ -109,66 +138,93 @@ class Checkpoint:
             self.raw = LegacyCheckpoint(self.path)
         else:
             self.raw = SafeTensorsFile(self.path)
-        self.key_map = {}  # canonical -> raw
-        for raw_key in self.raw.keys():
-            self.key_map.setdefault(canonical_key(raw_key), raw_key)
-        self._reject_diffusers_layout()
+        # Scaled-fp8 scales, markers and configs describe weights; they are not weights.
+        self.quant = quantized.file_layout(self.raw) if isinstance(self.raw, SafeTensorsFile) \
+            else quantized.QuantLayout()
+        visible = [k for k in self.raw.keys() if k not in self.quant.hidden]
+        self.fused = self._diffusers_layout(visible)     # canonical -> Fused
+        if self.fused:
+            self.key_map = {k: self.fused[k].parts[0] for k in sorted(self.fused)}
+        else:
+            self.key_map = canonical_keys(visible)  # canonical -> raw
         self.family = detect_family(self)
 
-    def _reject_diffusers_layout(self):
-        keys = self.key_map
-        if not any(k.startswith(UNET) for k in keys) and any(
-                k.startswith(_DIFFUSERS_HINTS) for k in keys):
-            raise DeltaError("looks like a diffusers-layout UNet; convert it to the single-file "
-                             "(LDM) layout first", self.path)
+    def _diffusers_layout(self, raw):
+        """{canonical key: Fused} of a diffusers-layout diffusion model a family converts
+        (Flux), {} for any other layout; other diffusers layouts are refused."""
+        if any(k.startswith(UNET) or k.startswith(_UNET_ROOTS) for k in raw):
+            return {}
+        prefix = "transformer."
+        bare = [k[len(prefix):] for k in raw] if raw and all(
+            k.startswith(prefix) for k in raw) else raw
+        for fam in families.REGISTRY:
+            conversion = fam.from_diffusers(bare)
+            if conversion:
+                return self._fused(conversion, prefix if bare is not raw else "", set(bare))
+        if any(k.startswith(_DIFFUSERS_HINTS) or k.startswith(_DIFFUSERS_DIT_HINTS)
+               for k in bare):
+            raise DeltaError("looks like a diffusers-layout model of a family deltasvd cannot "
+                             "convert yet; save it in the single-file layout ComfyUI saves "
+                             "first", self.path)
+        return {}
+
+    def _fused(self, conversion, prefix, keys):
+        unused = keys - {p for parts, _ in conversion.values() for p in parts}
+        if unused:
+            raise DeltaError("a diffusers-layout tensor that ComfyUI's conversion does not "
+                             "map", self.path, prefix + sorted(unused)[0])
+        out, present = {}, set(self.raw.keys())
+        for key, (parts, swap) in conversion.items():
+            raws = tuple(prefix + p for p in parts)
+            missing = [r for r in raws if r not in present]
+            if missing:
+                raise DeltaError(f"{UNET + key} is fused from {len(raws)} diffusers tensors; "
+                                 "this one is missing", self.path, missing[0])
+            if any(r in self.quant.scheme for r in raws):
+                raise DeltaError("scaled fp8 in the diffusers layout is not supported",
+                                 self.path, raws[0])
+            out[UNET + key] = Fused(raws, swap)
+        return out
 
     def keys(self):
         return list(self.key_map)
 
     def shape(self, key):
-        return self.raw.shape(self.key_map[key])
+        fused = self.fused.get(key)
+        if fused is None:
+            return self.raw.shape(self.key_map[key])
+        shapes = [self.raw.shape(p) for p in fused.parts]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
 
     def dtype(self, key):
-        return self.raw.dtype(self.key_map[key])
+        """The dtype the weight is stored in (a scaled fp8 weight's fp8 format)."""
+        raw = self.key_map[key]
+        config = self.quant.config.get(raw)
+        return config.dtype if config is not None else self.raw.dtype(raw)
+
+    def scale(self, key):
+        """The scale a scaled-fp8 weight is stored with (None for any other tensor)."""
+        scale_key = self.quant.scale_of(self.key_map[key])
+        return None if scale_key is None else self.raw.get(scale_key)
 
     def get(self, key):
-        return self.raw.get(self.key_map[key])
+        """The tensor as stored; a scaled-fp8 weight as its real float32 values; a fused
+        diffusers tensor put together as ComfyUI does."""
+        if key in self.fused:
+            return self.fused[key].join([self.raw.get(p) for p in self.fused[key].parts])
+        raw = self.key_map[key]
+        if raw not in self.quant.scheme:
+            return self.raw.get(raw)
+        return quantized.real_weight(self.raw.get(raw), self.scale(key),
+                                     self.quant.config.get(raw), self.path, key)
 
     def close(self):
         self.raw.close()
 
 
-def _context_dim(ckpt):
-    for key in ckpt.keys():
-        if key.startswith(UNET) and key.endswith("attn2.to_k.weight"):
-            return ckpt.shape(key)[1]
-    return None
-
-
 def detect_family(ckpt):
-    """Family from keys and shapes: cross-attention width first, text encoder layout second."""
-    keys = ckpt.keys()
-    ctx = _context_dim(ckpt)
-    has_label = any(k.startswith(UNET + "label_emb.") for k in keys)
-    if ctx == 768 and not has_label:
-        return "sd1"
-    if ctx == 1024 and not has_label:
-        return "sd2"
-    if ctx == 2048 and has_label:
-        return "sdxl"
-    if ctx is not None:
-        raise DeltaError(f"unsupported model: cross-attention width {ctx}"
-                         f"{' with a class embedding' if has_label else ''} is none of "
-                         "SD1.x (768), SD2.x (1024), SDXL (2048)", ckpt.path)
-    # No UNet: a text-encoder-only or VAE-only file still has a recognisable layout.
-    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    raise DeltaError("not a Stable Diffusion checkpoint: no UNet or text-encoder keys found",
-                     ckpt.path)
+    """The family's name, from canonical keys and shapes (families/: most specific first)."""
+    return families.detect(ckpt).name
 
 
 def open_pair(base_path, tuned_path, allow_pickle=False):
@@ -182,8 +238,8 @@ def open_pair(base_path, tuned_path, allow_pickle=False):
 def check_pair(base, tuned):
     """One family, and the same shape for every key both hold (EMA copies aside)."""
     if base.family != tuned.family:
-        raise DeltaError(f"family mismatch: base is {FAMILIES[base.family]}, tuned is "
-                         f"{FAMILIES[tuned.family]}", tuned.path)
+        raise DeltaError(f"family mismatch: base is {families.title(base.family)}, tuned is "
+                         f"{families.title(tuned.family)}", tuned.path)
     for key in tuned.keys():
         if key in base.key_map and not is_ignored(key) and base.shape(key) != tuned.shape(key):
             raise DeltaError(f"shape mismatch: base {list(base.shape(key))}, tuned "

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import dct_codec, lora_names, quant, spectrum
+from . import dct_codec, families, quant, quantized, spectrum
 from .blas_threads import blas_threads
 from .checkpoint import is_ignored, open_pair
 from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, lora_parts, store_parts, tensor_names
@@ -50,6 +50,9 @@ class Counts:
     only_in_base: list = field(default_factory=list)
     only_in_tuned: list = field(default_factory=list)
     svd64: int = 0                # layers whose rank a float64 SVD had to settle
+    rounding_raw2: float = 0.0    # squared |tuned - base| of the rounded tensors, before ...
+    rounding_kept2: float = 0.0   # ... and after rounding the base
+    base_coarser: int = 0         # tensors the base stores in less precision than the tuned
 
 
 def storage_dtype(name):
@@ -59,23 +62,37 @@ def storage_dtype(name):
 
 
 def plan_keys(base, tuned, counts):
-    """Keys whose pair must be read; everything else is counted and reported."""
-    keys = []
+    """Keys whose pair must be read; everything else is counted and reported. A part of the
+    model only one file holds (an all-in-one checkpoint's text encoders or VAE beside a
+    diffusion-model-only file) is unchanged; a tensor only the tuned file holds within a part
+    both have is refused (a delta cannot add weights)."""
+    keys, only_in_tuned = [], []
+    base_parts = {model_part(k) for k in base.keys()}
     for key in tuned.keys():
         if is_ignored(key):
             counts.ignored_ema += 1
         elif not tuned.dtype(key).is_floating_point:
             counts.ignored_nonfloat += 1
-        elif key not in base.key_map:
-            counts.only_in_tuned.append(key)
-        else:
+        elif key in base.key_map:
             keys.append(key)
+        elif model_part(key) in base_parts:
+            only_in_tuned.append(key)
+        else:
+            counts.only_in_tuned.append(key)
     counts.only_in_base = [k for k in base.keys() if k not in tuned.key_map and not is_ignored(k)]
-    if counts.only_in_tuned:
-        raise DeltaError(f"{len(counts.only_in_tuned)} tensor(s) exist only in the tuned model "
+    if only_in_tuned:
+        raise DeltaError(f"{len(only_in_tuned)} tensor(s) exist only in the tuned model "
                          "(a delta cannot add weights); is the base the model it was tuned from?",
-                         tuned.path, counts.only_in_tuned[0])
+                         tuned.path, only_in_tuned[0])
     return keys
+
+
+def model_part(key):
+    """The part of a model a canonical key belongs to: the diffusion model, one text encoder,
+    the VAE (`text_encoders.<name>.`, `conditioner.embedders.<N>.`, else the first name)."""
+    parts = key.split(".")
+    depth = {"model": 2, "text_encoders": 2, "conditioner": 3}.get(parts[0], 1)
+    return ".".join(parts[:depth])
 
 
 def _check_finite(delta, b, t, base, tuned, key):
@@ -110,23 +127,67 @@ class PairDelta:
     """What one key's pair of tensors came to: its float32 delta (None if identical)."""
     key: str
     delta: torch.Tensor
-    rounded: bool             # the base was rounded to the tuned file's dtype first
+    rounded: bool             # the base was rounded to the tuned file's format first
+    raw_norm: float = 0.0     # rounded: |tuned - base| before rounding the base ...
+    kept_norm: float = 0.0    # ... and after (what storage rounding does not explain)
+    base_coarser: bool = False  # the base is stored in less precision than the fine-tune
 
     def __post_init__(self):
         self.changed = self.delta is not None
 
 
 def pair_delta(key, b, t, base, tuned):
+    """The delta of one key's pair, dtype-aware: where the tuned file is stored coarser than the
+    base (fp32 -> fp16, bf16 -> fp8, scaled fp8 with the tuned file's scales), the base is
+    rounded to the tuned file's format first: an fp16 or fp8 copy of a base is not a
+    fine-tune."""
+    b_dtype, t_dtype = base.dtype(key), tuned.dtype(key)
+    if b_dtype in quantized.FP8_DTYPES or t_dtype in quantized.FP8_DTYPES:
+        return _fp8_pair_delta(key, b, t, base, tuned, b_dtype, t_dtype)
     rounded = t.dtype != b.dtype and _MANTISSA.get(t.dtype, 99) < _MANTISSA.get(b.dtype, 99)
+    raw_norm = float(torch.linalg.vector_norm(t.float() - b.float())) if rounded else 0.0
     if rounded:
         # Storage rounding of the tuned file is not fine-tuning: compare like with like.
         b = b.to(t.dtype)
+    coarser = quantized.coarser(b_dtype, t_dtype)
     if torch.equal(b, t):
-        return PairDelta(key, None, rounded)
+        return PairDelta(key, None, rounded, raw_norm, 0.0, coarser)
     work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
     delta = (t.to(work) - b.to(work)).float()
     _check_finite(delta, b, t, base, tuned, key)
-    return PairDelta(key, delta, rounded)
+    kept = float(torch.linalg.vector_norm(delta)) if rounded else 0.0
+    return PairDelta(key, delta, rounded, raw_norm, kept, coarser)
+
+
+def _fp8_pair_delta(key, b, t, base, tuned, b_dtype, t_dtype):
+    """pair_delta where either side is fp8 (scaled or not): in float32 on the real weights
+    (a scaled weight is read as weight * scale), the base rounded with the tuned file's scale."""
+    b32, t32 = b.float(), t.float()
+    rounded = quantized.coarser(t_dtype, b_dtype) or _requantized(key, base, tuned, t_dtype,
+                                                                  b_dtype)
+    raw_norm = 0.0
+    if rounded:
+        raw_norm = float(torch.linalg.vector_norm(t32 - b32))
+        b32 = quantized.quantize_like(b32, t_dtype, tuned.scale(key), tuned.path, key)
+    coarser = quantized.coarser(b_dtype, t_dtype)
+    if torch.equal(b32, t32):
+        return PairDelta(key, None, rounded, raw_norm, 0.0, coarser)
+    delta = t32 - b32
+    _check_finite(delta, b32, t32, base, tuned, key)
+    kept = float(torch.linalg.vector_norm(delta)) if rounded else 0.0
+    return PairDelta(key, delta, rounded, raw_norm, kept, coarser)
+
+
+def _requantized(key, base, tuned, t_dtype, b_dtype):
+    """Both sides in one fp8 format, with other scales: the tuned grid is no finer, and
+    putting the base on it is what re-quantizing alone would do."""
+    if t_dtype != b_dtype:
+        return False
+    b_scale, t_scale = base.scale(key), tuned.scale(key)
+    if b_scale is None and t_scale is None:
+        return False
+    return b_scale is None or t_scale is None or not torch.equal(b_scale.float(),
+                                                                 t_scale.float())
 
 
 def count_pair(counts, pd):
@@ -134,6 +195,9 @@ def count_pair(counts, pd):
     counts.rounded += pd.rounded
     counts.changed += pd.changed
     counts.identical += not pd.changed
+    counts.rounding_raw2 += pd.raw_norm ** 2
+    counts.rounding_kept2 += pd.kept_norm ** 2
+    counts.base_coarser += pd.base_coarser
 
 
 def read_deltas(base, tuned, keys, counts, progress=None):
@@ -151,8 +215,10 @@ def _is_norm(base, key, param):
 
 
 def split_pieces(key, delta, base, family):
-    """The records one changed checkpoint tensor becomes."""
-    tgts = lora_names.targets(key, tuple(delta.shape), family)
+    """The records one changed checkpoint tensor becomes. Norm layers are stored as w_norm /
+    b_norm pairs only where A1111's rules apply; elsewhere a 1-D delta is a `.diff`."""
+    fam = families.family(family)
+    tgts = fam.targets(key, tuple(delta.shape), base.key_map)
     if tgts is None:
         kind = "exact" if delta.ndim <= 1 else "svd"
         rec = LayerRecord(name=key, key=key, shape=list(delta.shape), kind=kind, extra=True)
@@ -163,7 +229,7 @@ def split_pieces(key, delta, base, family):
         kind = "exact" if data.ndim <= 1 else "svd"
         rec = LayerRecord(name=tg.module, key=key, shape=list(data.shape), kind=kind,
                           param=tg.param, rows=list(tg.rows) if tg.rows else None,
-                          norm=_is_norm(base, key, tg.param))
+                          norm=fam.a1111 and _is_norm(base, key, tg.param))
         pieces.append(Piece(rec, data))
     return pieces
 
@@ -299,7 +365,8 @@ class Compressor:
                     counts = Counts()  # pass 2 counts again
                 records, tensors, extras, spectra = self._code_all(base, tuned, keys, counts,
                                                                    fixed_ranks)
-                _complete_modules(records, tensors, _module_index(base), self.dtype)
+                if families.family(base.family).a1111:
+                    _complete_modules(records, tensors, _module_index(base), self.dtype)
         finally:
             base.close()
             tuned.close()
@@ -484,7 +551,7 @@ def _module_index(base):
     for key in base.keys():
         if not key.endswith(("weight", "in_proj_weight")) or is_ignored(key):
             continue
-        tgts = lora_names.targets(key, base.shape(key), base.family)
+        tgts = families.family(base.family).targets(key, base.shape(key), base.key_map)
         for tg in tgts or ():
             if tg.param != "weight":
                 continue

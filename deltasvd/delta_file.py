@@ -2,7 +2,7 @@
 several codecs (`deltasvd.codec`; a reader refuses a codec it does not know).
 
 codec "svd" (the default): a LoRA-format file stock loaders apply. Tensors (kohya names, see
-lora_names.py):
+families/):
   {m}.lora_up.weight (d x t [x1x1]), {m}.lora_down.weight (t x in [x kh x kw]), {m}.alpha = t
   {m}.diff   a dense delta, where factors would be no smaller
   {m}.diff_b a bias delta;  {m}.w_norm + {m}.b_norm  a norm layer's delta (always both)

@@ -156,7 +156,8 @@ class Explorer:
 
     def group_table(self, preview):
         """The per-group table, in the layout `compress` prints (the paper's Table 2)."""
-        rows = group_rows(preview.delta.records, lambda r: record_bytes(preview.delta, r))
+        rows = group_rows(preview.delta.records, lambda r: record_bytes(preview.delta, r),
+                          preview.delta.family)
         return format_table(rows, preview.file_bytes, self.tuned_bytes)
 
     def layer_rows(self, delta, sort="size"):
@@ -169,8 +170,8 @@ class Explorer:
             t = rec.rank if rec.kind == "svd" else rec.n
             kept = float(np.sum(s[:t]) / np.sum(s)) if np.sum(s) > 0 else 1.0
             d, k = rec.matrix_shape
-            rows.append([group_of(rec.key), rec.name, f"{d}x{k}", rec.kind, t, rec.n,
-                         round(kept, 4), round(record_bytes(delta, rec) / 1024, 1),
+            rows.append([group_of(rec.key, delta.family), rec.name, f"{d}x{k}", rec.kind, t,
+                         rec.n, round(kept, 4), round(record_bytes(delta, rec) / 1024, 1),
                          round(rel_error(rec.err2, rec.norm2), 4)])
         col = {"size": 7, "rank": 4, "error": 8, "name": 1}.get(sort, 7)
         return sorted(rows, key=lambda r: r[col], reverse=sort != "name")

@@ -1,8 +1,10 @@
 """Synthetic base / fine-tuned checkpoint pairs for tests, benchmarks and demos.
 
 Key names, shapes and dtypes come from deltasvd/specs/<family>.json.gz, which
-tools/gen_arch_spec.py derives from ComfyUI's model classes, so a pair looks like a real
-SD1.5 / SD2.1 / SDXL checkpoint and its fine-tune, without any weights being downloaded.
+tools/gen_arch_spec.py (SD1.5 / SD2.1 / SDXL checkpoints) and tools/gen_dit_specs.py (the
+diffusion models of Flux, Chroma, Qwen-Image, Wan, HiDream, Lumina 2, Z-Image, SD3.5) derive
+from ComfyUI's model classes, so a pair looks like a real checkpoint and its fine-tune, without
+any weights being downloaded.
 
 The base is random; the tuned file is base + a fine-tuning-like delta: per matrix a low-rank
 part with a decaying spectrum plus a small dense noise floor, some layers left bit-identical
@@ -25,7 +27,13 @@ import torch
 
 from .safetensors_io import ST_TO_DTYPE, write_streaming
 
-FAMILIES = ("sd15", "sd21", "sdxl")
+SD_FAMILIES = ("sd15", "sd21", "sdxl")
+DIT_FAMILIES = ("flux_dev", "flux_schnell", "chroma", "qwen_image", "wan21_14b", "wan22_5b",
+                "hidream_i1", "lumina2", "zimage", "sd35_medium", "sd35_large")
+FAMILIES = SD_FAMILIES + DIT_FAMILIES
+SMALL_MAX_NUMEL = 30_000_000   # a small DiT pair keeps real widths, but no tensor above this,
+SMALL_GRAM_BUDGET = 60e9       # and big matrices only up to this much float64 Gram work
+SMALL_CHEAP_FLOPS = 2e9        # (smaller matrices all stay)
 SCALES = ("small", "full")
 SPEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
 
@@ -37,13 +45,30 @@ CHANGED_1D = 0.5        # fraction of 1-D tensors (biases, norms) of changed lay
 NOISE_FRACTION = 0.1    # dense noise floor, as a fraction of the low-rank delta's norm
 
 
-def load_spec(family):
-    """[(key, shape tuple, safetensors dtype string)] of a full `family` checkpoint, by key."""
+def _read_spec(family):
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     with gzip.open(os.path.join(SPEC_DIR, f"{family}.json.gz"), "rt", encoding="utf-8") as f:
-        spec = json.load(f)
-    return [(key, tuple(shape), st) for key, shape, st in spec["tensors"]]
+        return json.load(f)
+
+
+def load_spec(family):
+    """[(key, shape tuple, safetensors dtype string)] of a full `family` checkpoint, by key."""
+    return [(key, tuple(shape), st) for key, shape, st in _read_spec(family)["tensors"]]
+
+
+def spec_dtype(family):
+    """The torch dtype most float tensors of the released files have."""
+    counts = {}
+    for _, shape, st in load_spec(family):
+        if ST_TO_DTYPE[st].is_floating_point:
+            counts[st] = counts.get(st, 0) + math.prod(shape)
+    return ST_TO_DTYPE[max(counts, key=counts.get)]
+
+
+def spec_blocks(family):
+    """{repeated-block prefix (bare): count} of a DiT spec ({} for the SD checkpoints)."""
+    return _read_spec(family).get("blocks", {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +113,64 @@ def _small_filter(keys):
     return keep
 
 
+def _first_only(path):
+    """Whether a key path names only item 0 of every numbered list of layers, blocks or
+    experts in it (HiDream's MoE experts, Chroma's guidance layers)."""
+    parts = path.split(".")
+    return not any(a.endswith(("layers", "blocks", "experts")) and b.isdigit() and b != "0"
+                   for a, b in zip(parts, parts[1:]))
+
+
+def _gram_flops(shape):
+    """What the spectrum of a matrix of this shape costs (its Gram matrix)."""
+    if len(shape) < 2:
+        return 0
+    d, k = shape[0], math.prod(shape[1:])
+    return min(d, k) ** 2 * max(d, k)
+
+
+@lru_cache(maxsize=1)
+def _detection_keys():
+    """Every key a family's recognition looks at: a small pair is recognised like a full one."""
+    from . import families
+    return frozenset(UNET + k for fam in families.REGISTRY
+                     for k in (*fam.signature, *fam.detection_keys))
+
+
+def _small_dit_entries(spec, blocks):
+    """Block 0 of every repeated block, item 0 of nested lists, everything else (embedders,
+    final layer): real names and widths. At real widths every big matrix costs seconds of
+    float64 Gram, so the cheapest big matrix of the blocks is kept, then others cheapest first
+    while their Gram work stays within SMALL_GRAM_BUDGET; cheap ones (1-D, thin embedders) and
+    the keys family detection reads always."""
+    prefixes = tuple(UNET + p for p in blocks)
+
+    def in_block_zero(key):
+        for p in prefixes:
+            if key.startswith(p):
+                return key[len(p):].startswith("0.")
+        return True
+
+    keep, big = set(), []
+    for key, shape, _ in spec:
+        if key in _detection_keys():
+            keep.add(key)
+        elif math.prod(shape) <= SMALL_MAX_NUMEL and _first_only(key) and in_block_zero(key):
+            cost = _gram_flops(shape)
+            if cost <= SMALL_CHEAP_FLOPS:
+                keep.add(key)
+            else:
+                big.append((cost, key))
+    in_blocks = sorted(b for b in big if b[1].startswith(prefixes))
+    spent = in_blocks[0][0] if in_blocks else 0    # one block matrix, whatever its cost
+    keep.update(key for _, key in in_blocks[:1])
+    for cost, key in sorted(big):
+        if key not in keep and spent + cost <= SMALL_GRAM_BUDGET:
+            keep.add(key)
+            spent += cost
+    return [entry for entry in spec if entry[0] in keep]
+
+
 def pair_spec(family, scale="small"):
     """The spec entries a pair of this family and scale holds."""
     if scale not in SCALES:
@@ -95,6 +178,8 @@ def pair_spec(family, scale="small"):
     spec = load_spec(family)
     if scale == "full":
         return spec
+    if family in DIT_FAMILIES:
+        return _small_dit_entries(spec, spec_blocks(family))
     keep = _small_filter([k for k, _, _ in spec])
     return [entry for entry in spec if keep(entry[0])]
 
@@ -184,12 +269,16 @@ def _module(key):
     return key.rsplit(".", 1)[0]
 
 
+_FROZEN_EMBEDDINGS = ("token_embedding", "position_embedding", "positional_embedding",
+                      "position_ids")
+
+
 def _is_untouched(seed, key):
     """Whether the fine-tune leaves `key` bit-identical."""
     if key.startswith(VAE) or key.startswith(UNET + "time_embed."):
         return True
-    if "embedding" in key or key.endswith("logit_scale"):
-        return True  # token / position embeddings and CLIP's logit scale: frozen
+    if any(e in key for e in _FROZEN_EMBEDDINGS) or key.endswith("logit_scale"):
+        return True  # text encoders' token / position embeddings and CLIP's logit scale
     module = _module(key)
     if ".emb_layers." in key:  # resblocks' time-embedding projections: half frozen
         return _rng(seed, module, "emb").random() < 0.5

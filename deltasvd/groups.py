@@ -1,55 +1,31 @@
-"""Layer groups in the layout of the paper's Table 2, and the per-group summary table."""
+"""Layer groups in the layout of the paper's Table 2 (each family names its own, families/),
+and the per-group summary table."""
 
 import math
-import re
 from collections import OrderedDict
 
 import numpy as np
 
+from . import families
 from .delta_file import FACTORED_KINDS
 
-UNET = "model.diffusion_model."
-GROUP_ORDER = ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "down_blocks.2",
-               "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2",
-               "up_blocks.3", "conv_out", "text_encoder", "text_encoder_1", "text_encoder_2",
-               "vae", "other"]
+
+def group_of(key, family):
+    """Summary group of a checkpoint key in `family` (a name, as in a delta file)."""
+    return families.family(family).group_of(key)
 
 
-def group_of(key):
-    """Table-2 group of a checkpoint key (diffusers block names, as the paper uses)."""
-    if key.startswith(UNET):
-        rest = key[len(UNET):]
-        m = re.match(r"input_blocks\.(\d+)\.", rest)
-        if m:
-            n = int(m.group(1))
-            return "conv_in" if n == 0 else f"down_blocks.{(n - 1) // 3}"
-        m = re.match(r"output_blocks\.(\d+)\.", rest)
-        if m:
-            return f"up_blocks.{int(m.group(1)) // 3}"
-        if rest.startswith("middle_block."):
-            return "mid_block"
-        if rest.startswith("out."):
-            return "conv_out"
-        if rest.startswith(("time_embed.", "label_emb.")):
-            return "time_embedding"
-        return "other"
-    if key.startswith("cond_stage_model."):
-        return "text_encoder"
-    if key.startswith("conditioner.embedders.0."):
-        return "text_encoder_1"
-    if key.startswith("conditioner.embedders.1."):
-        return "text_encoder_2"
-    if key.startswith("first_stage_model."):
-        return "vae"
-    return "other"
+def group_order(family):
+    return families.family(family).group_order
 
 
-def group_rows(records, nbytes_of):
+def group_rows(records, nbytes_of, family):
     """Aggregate records per group: layers, rank stats, bytes, relative error."""
-    acc = OrderedDict((g, None) for g in GROUP_ORDER)
+    fam = families.family(family)
+    acc = OrderedDict((g, None) for g in fam.group_order)
     for rec in records:
-        g = group_of(rec.key)
-        row = acc[g] or {"group": g, "pieces": 0, "ranks": [], "dense": 0, "exact": 0,
+        g = fam.group_of(rec.key)
+        row = acc.get(g) or {"group": g, "pieces": 0, "ranks": [], "dense": 0, "exact": 0,
                          "bytes": 0, "err2": 0.0, "norm2": 0.0}
         row["pieces"] += 1
         if rec.kind in FACTORED_KINDS and rec.n:
@@ -69,21 +45,22 @@ def rel_error(err2, norm2):
 
 def format_table(rows, total_bytes=None, reference_bytes=None):
     """Plain-text table: group, layers, rank min/median/max, dense, MB, relative error."""
-    head = f"{'group':<16}{'layers':>7}{'rank min':>9}{'median':>8}{'max':>6}{'dense':>6}" \
+    w = max([16] + [len(r["group"]) + 1 for r in rows])   # DiT block names run long
+    head = f"{'group':<{w}}{'layers':>7}{'rank min':>9}{'median':>8}{'max':>6}{'dense':>6}" \
            f"{'MB':>9}{'rel.err':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ranks = r["ranks"]
         rmin, rmed, rmax = ((min(ranks), int(np.median(ranks)), max(ranks)) if ranks
                             else ("-", "-", "-"))
-        lines.append(f"{r['group']:<16}{r['pieces']:>7}{rmin:>9}{rmed:>8}{rmax:>6}"
+        lines.append(f"{r['group']:<{w}}{r['pieces']:>7}{rmin:>9}{rmed:>8}{rmax:>6}"
                      f"{r['dense']:>6}{r['bytes'] / 2**20:>9.2f}"
                      f"{rel_error(r['err2'], r['norm2']):>9.4f}")
     err2 = sum(r["err2"] for r in rows)
     norm2 = sum(r["norm2"] for r in rows)
     lines.append("-" * len(head))
     size = total_bytes if total_bytes is not None else sum(r["bytes"] for r in rows)
-    total = (f"{'total':<16}{sum(r['pieces'] for r in rows):>7}{'':>29}"
+    total = (f"{'total':<{w}}{sum(r['pieces'] for r in rows):>7}{'':>29}"
              f"{size / 2**20:>9.2f}{rel_error(err2, norm2):>9.4f}")
     lines.append(total)
     if reference_bytes:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .delta_file import STORAGE_DTYPES
-from .groups import GROUP_ORDER, group_of
+from . import families
 from .ranks import RankRule, is_dense
 from .resize import new_rank
 
@@ -49,6 +49,7 @@ def coded(delta):
 
 def energy_curves(delta, measure=None):
     measure = measure or measure_of(delta)
+    fam = families.family(delta.family)
     acc = {}
     for i in coded(delta):
         rec = delta.records[i]
@@ -57,12 +58,13 @@ def energy_curves(delta, measure=None):
         total = rec.sum_s if measure == "energy" else rec.sum_s2
         if total <= 0:
             continue
-        g = acc.setdefault(group_of(rec.key), {"cums": [], "total": 0.0, "ranks": []})
+        g = acc.setdefault(fam.group_of(rec.key), {"cums": [], "total": 0.0, "ranks": []})
         g["cums"].append(np.cumsum(v))
         g["total"] += total
         g["ranks"].append(rec.rank if rec.kind == "svd" else rec.n)
     curves = []
-    for group in [g for g in GROUP_ORDER if g in acc]:
+    order = [g for g in fam.group_order if g in acc]
+    for group in order + [g for g in acc if g not in order]:
         g = acc[group]
         n = max(len(c) for c in g["cums"])
         kept = np.zeros(n)

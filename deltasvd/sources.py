@@ -47,6 +47,10 @@ class TensorSource:
             numel *= int(d)
         return numel * dtype.itemsize
 
+    def scale(self, key):
+        """A host holds real weights: nothing is stored scaled."""
+        return None
+
     def get(self, key):
         t = self._entries[key][2]()
         if self.observe is not None:

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .checkpoint import FAMILIES
+from . import families
 from .delta_file import FACTORED_KINDS, tensor_names
 from .groups import format_table, group_rows
 
@@ -31,7 +31,7 @@ def _bits_line(delta, file_bytes):
 
 
 def group_table(delta, file_bytes=None, reference_bytes=None):
-    rows = group_rows(delta.records, lambda rec: record_bytes(delta, rec))
+    rows = group_rows(delta.records, lambda rec: record_bytes(delta, rec), delta.family)
     return format_table(rows, file_bytes, reference_bytes)
 
 
@@ -42,10 +42,17 @@ def compress_summary(delta, counts, file_bytes, tuned_bytes):
     if counts.rounded:
         lines.append(f"dtype-aware delta: the base was rounded to the tuned file's precision "
                      f"for {counts.rounded} tensors before subtracting (storage rounding is "
-                     "not fine-tuning)")
+                     "not fine-tuning)" + _rounding_share(counts))
+    if counts.base_coarser:
+        lines.append(f"warning: the base stores {counts.base_coarser} tensors in less precision "
+                     "than the fine-tune, so the base's own rounding error is inside the delta "
+                     "(were base and tuned given the other way round?)")
     if counts.only_in_base:
         lines.append(f"{len(counts.only_in_base)} tensors only in the base (e.g. "
                      f"{counts.only_in_base[0]}): treated as unchanged")
+    if counts.only_in_tuned:
+        lines.append(f"{len(counts.only_in_tuned)} tensors of model parts only the tuned file "
+                     f"has (e.g. {counts.only_in_tuned[0]}): treated as unchanged")
     if counts.svd64:
         lines.append(f"precision: {counts.svd64} layers needed a float64 SVD to decide their "
                      "rank exactly (the float64 Gram left it open)")
@@ -54,6 +61,23 @@ def compress_summary(delta, counts, file_bytes, tuned_bytes):
         lines.append(f"{len(extras)} changed tensors have no LoRA name both hosts load (e.g. "
                      f"{extras[0].key}): kept in the file's extras, applied by deltasvd only")
     return "\n".join(lines)
+
+
+def _family_line(name):
+    fam = families.BY_NAME.get(name)
+    if fam is None:
+        return f"{name} (unknown to this deltasvd: update it)"
+    return f"{fam.title}  (Civitai base model: {fam.civitai})"
+
+
+def _rounding_share(counts):
+    """How much of the raw difference of the rounded tensors was storage rounding."""
+    if counts.rounding_raw2 <= 0:
+        return ""
+    removed = 1.0 - (counts.rounding_kept2 / counts.rounding_raw2) ** 0.5
+    return (f"; that removed {100 * removed:.1f}% of their raw difference "
+            f"(Frobenius norm {counts.rounding_raw2 ** 0.5:.4g} -> "
+            f"{counts.rounding_kept2 ** 0.5:.4g})")
 
 
 def _codec_line(info):
@@ -75,7 +99,7 @@ def inspect_text(delta, file_bytes):
     params = sum(t.numel() for t in delta.tensors.values())
     lines = [
         f"file      {info.get('file')}  ({file_bytes / 2**20:.2f} MB, {params:,} stored values)",
-        f"family    {FAMILIES.get(delta.family, delta.family)}",
+        f"family    {_family_line(delta.family)}",
         f"codec     {_codec_line(info)}",
         f"base      {info.get('base_name')}  sha256 {info.get('base_sha256', '')[:16]}…",
         f"tuned     {info.get('tuned_name')}  sha256 {info.get('tuned_sha256', '')[:16]}…",

@@ -23,8 +23,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 
+from ..deltasvd import families
 from ..deltasvd.apply import delta_for, records_by_key
-from ..deltasvd.checkpoint import FAMILIES
 from ..deltasvd.delta_file import decoded_delta
 from ..deltasvd.errors import DeltaError
 from ..deltasvd.sources import TensorSource
@@ -253,13 +253,13 @@ def delta_patches(delta, model, clip=None):
     plan = PatchPlan()
     lora = dict(delta.tensors)
     lora = comfy.lora_convert.convert_lora(lora)
-    modules = sorted({name.split(".", 1)[0] for name in lora})
+    modules = sorted({module_of(name) for name in lora})
     plan.modules = len(modules)
     key_map = _lora_key_map(model, clip)
     for name in modules:
         if name in key_map:
             plan.applied.append(name)
-        elif clip is None and name.startswith("lora_te"):
+        elif clip is None and name.startswith(("lora_te", "text_encoders.")):
             plan.no_clip.append(name)
         else:
             plan.unmatched.append(name)
@@ -274,6 +274,19 @@ def delta_patches(delta, model, clip=None):
             plan.clip_patches[key] = patch
     _extras_patches(delta, model, clip, plan)
     return plan
+
+
+_PARTS = (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff", ".diff_b", ".w_norm",
+          ".b_norm")
+
+
+def module_of(tensor_name):
+    """The LoRA module a file tensor belongs to: its name less the part (module names of the
+    generic form, `diffusion_model.<key>` / `text_encoders.<key>`, hold dots themselves)."""
+    for part in _PARTS:
+        if tensor_name.endswith(part):
+            return tensor_name[: -len(part)]
+    return tensor_name.split(".", 1)[0]
 
 
 def _extras_patches(delta, model, clip, plan):
@@ -294,7 +307,8 @@ def _extras_patches(delta, model, clip, plan):
                 targets[ck] = (plan.clip_patches, hk, tr)
     for ck, recs in sorted(by_key.items()):
         if ck not in targets:
-            why = ("the VAE is not an input of this node" if ck.startswith("first_stage_model.")
+            why = ("the VAE is not an input of this node"
+                   if ck.startswith(("first_stage_model.", "vae."))
                    else "no CLIP connected" if clip is None and not ck.startswith("model.")
                    else "the model has no such weight")
             plan.extras_unmatched.append((ck, why))
@@ -312,6 +326,6 @@ def _extras_patches(delta, model, clip, plan):
 def check_family(delta, model):
     family = model_family(model)
     if delta.family != family:
-        raise DeltaError(f"this delta is for {FAMILIES.get(delta.family, delta.family)}, the "
-                         f"model is {FAMILIES.get(family, family)}")
+        raise DeltaError(f"this delta is for {families.title(delta.family)}, the "
+                         f"model is {families.title(family)}")
     return family

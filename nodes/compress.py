@@ -19,6 +19,7 @@ log = logging.getLogger("deltasvd")
 
 # Working set of one layer's math on the compute device, beyond the weights themselves.
 MATH_BYTES = 1 << 30
+BIG_MODEL_BYTES = 8e9   # beyond SDXL's size: a model the models node should not load twice
 
 
 def _passes(rule):
@@ -105,6 +106,10 @@ class DeltaSVDCompress:
         if note:
             text += "\n" + note
             log.warning("DeltaSVDCompress: %s", note)
+        if tuned_bytes > BIG_MODEL_BYTES:
+            text += (f"\nnote: a {tuned_bytes / 1e9:.0f} GB model had to be loaded twice for this "
+                     "node; 'Delta-SVD Compress (files)' streams both files tensor by tensor "
+                     "in a few GB of memory")
         info = stats(delta, size)
         info["precision_warning"] = bool(note)
         return {"ui": ui(text, info), "result": (delta, text)}
@@ -129,11 +134,34 @@ def _file_of(prompt, node_id, side):
     return found[1], provenance.stored_dtype(*found)
 
 
+DIFFUSION_MODELS = "diffusion_models/"   # label prefix of files in that folder
+
+
+def model_files():
+    """Labels of the files Compress (files) offers: the checkpoints folder's names as they
+    are (saved workflows keep working), then the diffusion_models folder's (Flux, Qwen-Image,
+    Wan, ... fine-tunes are shared as diffusion models alone) behind DIFFUSION_MODELS."""
+    names = list(folder_paths.get_filename_list("checkpoints"))
+    names += [DIFFUSION_MODELS + n for n in folder_paths.get_filename_list("diffusion_models")]
+    return names
+
+
+def model_path(label):
+    """The file behind a label of model_files() (raises when it is gone)."""
+    if label.startswith(DIFFUSION_MODELS):
+        name = label[len(DIFFUSION_MODELS):]
+        if name in folder_paths.get_filename_list("diffusion_models"):
+            return folder_paths.get_full_path_or_raise("diffusion_models", name)
+    return folder_paths.get_full_path_or_raise("checkpoints", label)
+
+
 class DeltaSVDCompressFiles:
     DESCRIPTION = (
-        "Compress a fine-tuned checkpoint against its base, both read from the checkpoints "
-        "folder at their stored precision (tensor by tensor, no model loaded). The clean way to "
-        "make a delta: nothing is rounded to the precision ComfyUI runs models in.")
+        "Compress a fine-tuned model against its base, both read from the checkpoints or "
+        "diffusion_models folder at their stored precision (tensor by tensor, no model loaded: "
+        "a few GB of memory even for a 24 GB Flux or a 41 GB Qwen-Image). The clean way to "
+        "make a delta: nothing is rounded to the precision ComfyUI runs models in. Any family "
+        "ComfyUI loads; an all-in-one checkpoint pairs with a diffusion-model-only file.")
     CATEGORY = CATEGORY
     FUNCTION = "compress"
     RETURN_TYPES = (DELTA, "STRING")
@@ -142,12 +170,13 @@ class DeltaSVDCompressFiles:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = folder_paths.get_filename_list("checkpoints")
+        names = model_files()
         return {
             "required": {
-                "ckpt_tuned": (names, {"tooltip": "The fine-tuned checkpoint (.safetensors; "
-                                       ".ckpt is read with weights_only=True)."}),
-                "ckpt_base": (names, {"tooltip": "The checkpoint it was fine-tuned from."}),
+                "ckpt_tuned": (names, {"tooltip": "The fine-tuned model (.safetensors, bf16 / "
+                                       "fp16 / fp32 / fp8 / scaled fp8; .ckpt is read with "
+                                       "weights_only=True)."}),
+                "ckpt_base": (names, {"tooltip": "The model it was fine-tuned from."}),
                 **mode_inputs(),
                 "dtype": (DTYPES, {"default": "fp16", "tooltip": DTYPE_TOOLTIP}),
             },
@@ -162,14 +191,16 @@ class DeltaSVDCompressFiles:
     def IS_CHANGED(cls, ckpt_tuned, ckpt_base, **kwargs):
         out = []
         for name in (ckpt_tuned, ckpt_base):
-            path = folder_paths.get_full_path("checkpoints", name)
+            try:
+                path = model_path(name)
+            except Exception:  # noqa: BLE001  (gone: ComfyUI reports it when the node runs)
+                path = None
             out.append(f"{name}:{os.path.getmtime(path) if path else None}")
         return "|".join(out)
 
     def compress(self, ckpt_tuned, ckpt_base, mode, value, dtype, unique_id=None):
         rule = make_rule(mode, value)
-        tuned = folder_paths.get_full_path_or_raise("checkpoints", ckpt_tuned)
-        base = folder_paths.get_full_path_or_raise("checkpoints", ckpt_base)
+        tuned, base = model_path(ckpt_tuned), model_path(ckpt_base)
         progress = Progress(_passes(rule), unique_id)
         progress.check()
         device = mm.get_torch_device()

@@ -4,8 +4,8 @@ import os
 
 import folder_paths
 
+from ..deltasvd import families
 from ..deltasvd.api import save_delta
-from ..deltasvd.checkpoint import FAMILIES
 from ..deltasvd.delta_file import read_delta
 from ..deltasvd.errors import DeltaError
 from ..deltasvd.summary import inspect_text
@@ -135,9 +135,9 @@ class DeltaSVDLoad:
     def load(self, delta_name):
         path = folder_paths.get_full_path_or_raise("loras", delta_name)
         delta = read_delta(path)
-        if delta.family not in FAMILIES:
+        if delta.family not in families.BY_NAME:
             raise DeltaError(f"unknown model family {delta.family!r} (this deltasvd knows "
-                             f"{', '.join(FAMILIES)})", path)
+                             f"{', '.join(families.BY_NAME)}; update deltasvd)", path)
         size = os.path.getsize(path)
         text = inspect_text(delta, size)
         return {"ui": ui(text, stats(delta, size)), "result": (delta, text)}

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..deltasvd import families
 from ..deltasvd import plot
-from ..deltasvd.checkpoint import FAMILIES
 from ..deltasvd.delta_file import is_coded
 from ..deltasvd.errors import DeltaError
 from .common import CATEGORY, DELTA, delta_bytes
@@ -95,7 +95,7 @@ def render(delta, width=1024, height=560):
     threshold = plot.current_threshold(delta)
     size = delta_bytes(delta)
     info = delta.info
-    title = (f"{FAMILIES.get(delta.family, delta.family)} delta: {info.get('mode')} = "
+    title = (f"{families.title(delta.family)} delta: {info.get('mode')} = "
              f"{info.get('value')}, {size / 2**20:.2f} MB, factors {info.get('dtype')}")
     d.text((width / 2, 8), title, fill=FG, font=normal, anchor="ma")
     top, bottom = 48, height - 56

@@ -57,6 +57,18 @@ def save(path, state):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op thread while a module runs (`pytestmark = usefixtures(...)`). On this
+    2-core machine, shared with other jobs, torch's default of one thread per core made
+    compressing a small SD2.1 pair take ~40 s instead of ~5 s (its threads wait on each other
+    whenever a core is taken)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_pair(tmp_path):
     base = tiny_state()

@@ -27,12 +27,7 @@ NODE_IDS = ["DeltaSVDCompress", "DeltaSVDCompressFiles", "DeltaSVDSave", "DeltaS
             "DeltaSVDApply", "DeltaSVDResize", "DeltaSVDSpectrum"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

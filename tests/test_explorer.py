@@ -91,3 +91,23 @@ def test_inspecting_a_file(pair, tmp_path):
     delta = read_delta(out)
     rows = Explorer(delta).layer_rows(delta)
     assert {r[1] for r in rows} == {r.name for r in delta.records if r.n}
+
+
+def test_explorer_handles_a_dit_family(tmp_path):
+    """A Flux.1 pair (real names and widths, block 0 of each kind): the explorer's groups are
+    Flux's, and a setting gives the table, ranks and size `deltasvd compress` gives."""
+    from deltasvd.fixtures import make_pair
+    import torch
+    base, tuned = make_pair(tmp_path, "flux_dev", "small", seed=2, base_dtype=torch.bfloat16,
+                            tuned_dtype=torch.bfloat16)
+    ex = Explorer.from_files(base, tuned, name="out")
+    out = tmp_path / "out.safetensors"
+    printed = cli_compress(base, tuned, out, "--energy", "0.3")
+    preview = ex.preview("energy", 0.3)
+    table = ex.group_table(preview)
+    assert_same_table(table, printed)
+    assert {"double_blocks", "single_blocks", "embedders"} <= set(group_rows(table))
+    real = read_delta(out)
+    assert real.family == "flux"
+    assert [r.rank for r in preview.delta.records] == [r.rank for r in real.records]
+    assert abs(preview.file_bytes - os.path.getsize(out)) < 2048

@@ -20,7 +20,7 @@ def _gen_arch_spec():
     return comfy_env.gen_arch_spec_module()
 
 
-@pytest.mark.parametrize("family", fixtures.FAMILIES)
+@pytest.mark.parametrize("family", fixtures.SD_FAMILIES)
 def test_committed_spec_matches_comfyui(family):
     gen = _gen_arch_spec()
     with gzip.open(REPO / "deltasvd" / "specs" / f"{family}.json.gz", "rt") as f:
@@ -40,20 +40,20 @@ def test_spec_param_counts():
 
 
 def test_spec_layouts():
-    keys = {f: {k for k, _, _ in fixtures.load_spec(f)} for f in fixtures.FAMILIES}
+    keys = {f: {k for k, _, _ in fixtures.load_spec(f)} for f in fixtures.SD_FAMILIES}
     assert "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" \
         in keys["sd15"]
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys["sd21"]
     assert "conditioner.embedders.1.model.text_projection" in keys["sdxl"]
     assert "conditioner.embedders.0.transformer.text_model.embeddings.position_ids" \
         in keys["sdxl"]
-    for family in fixtures.FAMILIES:
+    for family in fixtures.SD_FAMILIES:
         assert any(k.startswith("first_stage_model.decoder.") for k in keys[family])
         entries = fixtures.load_spec(family)
         assert [k for k, _, _ in entries] == sorted(k for k, _, _ in entries)
 
 
-@pytest.mark.parametrize("family", fixtures.FAMILIES)
+@pytest.mark.parametrize("family", fixtures.SD_FAMILIES)
 def test_small_pair_subset(family):
     full = {k: (s, st) for k, s, st in fixtures.load_spec(family)}
     small = fixtures.pair_spec(family, "small")

@@ -72,15 +72,7 @@ class Made:
     delta: object      # read_delta(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while this module runs. On this 2-core machine, shared with other
-    jobs, torch's default of one thread per core made compressing a small SD2.1 pair take ~40 s
-    instead of ~5 s (its threads wait on each other whenever a core is taken)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
