@@ -11,7 +11,8 @@ bf16. Free disk is checked first.
 
 Rows (each tool in its own process; wall time and peak RSS from os.wait4, see
 bench/compress_bench.py's run_child):
-* deltasvd --energy 0.5, from the page cache (`python -m deltasvd compress`);
+* deltasvd --energy 0.5 (or `--rule '--rank 64'`), from the page cache (`python -m deltasvd
+  compress`);
 * ComfyUI 0.3.75: UNETLoader x 2 (`comfy.sd.load_diffusion_model`), ModelMergeSubtract,
   LoraSave rank 64 (the core "Extract and Save Lora" path), with a watchdog at MemAvailable -
   1.5 GB: on a 24 GB machine the error it fails with is the result.
@@ -151,6 +152,7 @@ def main(argv=None):
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "deltasvd_bench"))
     p.add_argument("--format", default="bf16", choices=("bf16", "scaled_fp8"))
     p.add_argument("--tools", default="ours,comfy")
+    p.add_argument("--rule", default=f"--energy {ENERGY}", help="our rule, e.g. '--rank 64'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -163,13 +165,13 @@ def main(argv=None):
     out_dir = BENCH / "out" / f"{args.family}_full_{args.format}"
     out_dir.mkdir(parents=True, exist_ok=True)
     py, runs = sys.executable, []
-    ours = str(out_dir / "ours_e05.safetensors")
+    ours = str(out_dir / f"ours{args.rule.replace(' ', '').replace('-', '_')}.safetensors")
     for tool in [t for t in args.tools.split(",") if t]:   # --tools "": make the pair only
         warm_page_cache((base, tuned))
         if tool == "ours":
-            cmd = [py, "-m", "deltasvd", "compress", base, tuned, "-o", ours, "--energy",
-                   str(ENERGY), "--device", args.device, "--overwrite"]
-            runs.append(run(f"deltasvd --energy {ENERGY}", cmd, ours, out_dir / "ours.log",
+            cmd = [py, "-m", "deltasvd", "compress", base, tuned, "-o", ours, *args.rule.split(),
+                   "--device", args.device, "--overwrite"]
+            runs.append(run(f"deltasvd {args.rule}", cmd, ours, out_dir / "ours.log",
                             args.timeout))
         elif tool == "comfy":
             out = str(out_dir / "comfy_r64.safetensors")

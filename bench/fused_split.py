@@ -14,8 +14,12 @@ Two kinds of delta, at Flux's real shapes:
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ERRORS = (0.5, 0.3, 0.2, 0.1)
 HIDDEN = 3072
@@ -63,9 +67,8 @@ def pair_deltas(base, tuned, blocks):
     b, t = Checkpoint(base), Checkpoint(tuned)
     for key in b.keys():
         for kind, rows in SHAPES.items():
-            if key.endswith(f"{kind}.weight") and ("blocks.0." in key or "blocks.1." in key):
-                if blocks and int(key.split("blocks.")[1].split(".")[0]) >= blocks:
-                    continue
+            if key.endswith(f"{kind}.weight") and \
+                    int(key.split("blocks.")[1].split(".")[0]) < blocks:
                 yield key, (t.get(key).float() - b.get(key).float()), rows
 
 

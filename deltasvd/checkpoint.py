@@ -28,7 +28,8 @@ _TOP_LEVEL = ("model.", "diffusion_model.", "cond_stage_model.", "conditioner.",
 _UNET_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.",
                "label_emb.")
 _DIFFUSERS_HINTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.")
-_DIFFUSERS_DIT_HINTS = ("single_transformer_blocks.", "transformer.", "unet.")
+_DIFFUSERS_DIT_HINTS = ("single_transformer_blocks.", "unet.")
+_PIPELINE = "transformer."   # a diffusers pipeline's prefix of its transformer's keys
 
 
 def is_ignored(key):
@@ -52,11 +53,14 @@ def canonical_key(key, bare=False):
 
 
 def canonical_keys(raw_keys):
-    """{canonical key: raw key} of a file's keys (the first raw key wins a clash)."""
-    bare = not any(k.startswith(_TOP_LEVEL) for k in raw_keys)
+    """{canonical key: raw key} of a file's keys (the first raw key wins a clash). A diffusers
+    pipeline's `transformer.` prefix is dropped (Qwen-Image's and HiDream's diffusers names are
+    ComfyUI's own)."""
+    strip = len(_PIPELINE) if raw_keys and all(k.startswith(_PIPELINE) for k in raw_keys) else 0
+    bare = not any(k[strip:].startswith(_TOP_LEVEL) for k in raw_keys)
     key_map = {}
     for raw in raw_keys:
-        key_map.setdefault(canonical_key(raw, bare), raw)
+        key_map.setdefault(canonical_key(raw[strip:], bare), raw)
     return key_map
 
 
@@ -154,7 +158,7 @@ class Checkpoint:
         (Flux), {} for any other layout; other diffusers layouts are refused."""
         if any(k.startswith(UNET) or k.startswith(_UNET_ROOTS) for k in raw):
             return {}
-        prefix = "transformer."
+        prefix = _PIPELINE
         bare = [k[len(prefix):] for k in raw] if raw and all(
             k.startswith(prefix) for k in raw) else raw
         for fam in families.REGISTRY:

@@ -65,8 +65,9 @@ def codec_problem(args):
 
 
 def build_parser():
-    p = _Parser(prog="deltasvd", description="Compress fine-tuned Stable Diffusion checkpoints "
-                "against their base into LoRA-compatible delta files (Delta-SVD).")
+    p = _Parser(prog="deltasvd", description="Compress fine-tuned diffusion models (SD, SDXL, "
+                "Flux, Qwen-Image, Wan, ...) against their base into LoRA-compatible delta files "
+                "(Delta-SVD).")
     p.add_argument("--version", action="version", version=f"deltasvd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

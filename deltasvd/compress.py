@@ -479,6 +479,10 @@ class Compressor:
             if fixed_ranks is not None and (key, j) in fixed_ranks:
                 rule = RankRule("rank", max(fixed_ranks[(key, j)], 1), min_rank=0)
             out.append((piece, self._code_piece(piece, rule, fixed_ranks, key, j)))
+            # A coded piece waits for the keys before it to be collected; only its record and
+            # parts are needed then, not its float32 delta (up to 8 waiting pieces of a Flux
+            # model held 1-2 GB of deltas).
+            piece.data = None
         return out
 
     def _code_piece(self, piece, rule, fixed_ranks, key, j):

@@ -109,3 +109,21 @@ def test_other_diffusers_layouts_are_refused_clearly(tmp_path):
     write_tensors(path, {"down_blocks.0.resnets.0.conv1.weight": torch.randn(4, 4, 3, 3)})
     with pytest.raises(DeltaError, match="diffusers-layout"):
         Checkpoint(path)
+
+
+def test_a_pipeline_prefix_is_dropped(tmp_path):
+    """Qwen-Image's diffusers names are ComfyUI's own: `transformer.`-prefixed keys (a
+    diffusers pipeline's) pair with the bare file."""
+    g = torch.Generator().manual_seed(0)
+    sd = {"txt_norm.weight": torch.randn(64, generator=g), "img_in.weight": torch.randn(32, 64),
+          "transformer_blocks.0.attn.to_q.weight": torch.randn(32, 32, generator=g)}
+    write_tensors(str(tmp_path / "bare.safetensors"), sd)
+    write_tensors(str(tmp_path / "pipe.safetensors"),
+                  {"transformer." + k: v + 0.01 for k, v in sd.items()})
+    bare, pipe = Checkpoint(str(tmp_path / "bare.safetensors")), \
+        Checkpoint(str(tmp_path / "pipe.safetensors"))
+    assert bare.family == pipe.family == "qwen_image"
+    assert sorted(bare.keys()) == sorted(pipe.keys())
+    api.compress_files(str(tmp_path / "bare.safetensors"), str(tmp_path / "pipe.safetensors"),
+                       str(tmp_path / "d.safetensors"), RankRule("rank", 1))
+    assert read_delta(str(tmp_path / "d.safetensors")).family == "qwen_image"

@@ -71,8 +71,7 @@ class Family:
         """The LoRA targets of checkpoint `key`, or None if no loader maps it (an extra).
         `keys`: the base's canonical keys (a bias is `.diff_b` only beside its weight)."""
         if key.startswith(UNET):
-            return [_generic_target(key[len(UNET):], "lora_unet_", "diffusion_model.", True,
-                                    key, keys)]
+            return [_unet_target(key[len(UNET):], key, keys)]
         if key.startswith(TEXT):
             return _text_target(key, keys)
         return None
@@ -113,14 +112,14 @@ class Family:
                 "modelspec.implementation": self.implementation}
 
 
-def _generic_target(path, weight_prefix, bare_prefix, diff_b, key, keys):
-    """ComfyUI's generic names for one tensor at `path` (no family prefix)."""
+def _unet_target(path, key, keys):
+    """ComfyUI's generic name for the diffusion-model tensor `key` (`path` without prefix)."""
     module, _, param = path.rpartition(".")
     if param == "weight" and module:
-        return Target(weight_prefix + module.replace(".", "_"), "weight")
-    if param == "bias" and module and diff_b and key[: -len("bias")] + "weight" in keys:
-        return Target(weight_prefix + module.replace(".", "_"), "bias")
-    return Target(bare_prefix + path, "weight")
+        return Target("lora_unet_" + module.replace(".", "_"), "weight")
+    if param == "bias" and module and key[: -len("bias")] + "weight" in keys:
+        return Target("lora_unet_" + module.replace(".", "_"), "bias")
+    return Target("diffusion_model." + path, "weight")
 
 
 def _text_target(key, keys):
