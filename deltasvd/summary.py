@@ -71,13 +71,13 @@ def _family_line(name):
 
 
 def _rounding_share(counts):
-    """How much of the raw difference of the rounded tensors was storage rounding."""
+    """What rounding the base did to the difference of the rounded tensors (-100%: all of it
+    was storage rounding; about 0%: the fine-tune's own changes dominate)."""
     if counts.rounding_raw2 <= 0:
         return ""
-    removed = 1.0 - (counts.rounding_kept2 / counts.rounding_raw2) ** 0.5
-    return (f"; that removed {100 * removed:.1f}% of their raw difference "
-            f"(Frobenius norm {counts.rounding_raw2 ** 0.5:.4g} -> "
-            f"{counts.rounding_kept2 ** 0.5:.4g})")
+    raw, kept = counts.rounding_raw2 ** 0.5, counts.rounding_kept2 ** 0.5
+    return (f"; their difference's Frobenius norm went from {raw:.4g} to {kept:.4g} "
+            f"({100 * (kept / raw - 1):+.1f}%)")
 
 
 def _codec_line(info):
