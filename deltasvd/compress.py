@@ -29,7 +29,6 @@ from .safetensors_io import file_sha256, tensor_data_sha256
 OVERSHOOT = 1.05  # size mode: code 5% over the estimated budget, then trim exactly
 MAX_WORKERS = 4   # layers coded at once on the CPU (memory: one delta each)
 QUEUED_PER_WORKER = 4   # keys handed out ahead per worker (a queued key holds no memory)
-_MANTISSA = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
 
 @dataclass
@@ -142,14 +141,9 @@ def pair_delta(key, b, t, base, tuned):
     rounded to the tuned file's format first: an fp16 or fp8 copy of a base is not a
     fine-tune."""
     b_dtype, t_dtype = base.dtype(key), tuned.dtype(key)
-    if b_dtype in quantized.FP8_DTYPES or t_dtype in quantized.FP8_DTYPES:
-        return _fp8_pair_delta(key, b, t, base, tuned, b_dtype, t_dtype)
-    rounded = t.dtype != b.dtype and _MANTISSA.get(t.dtype, 99) < _MANTISSA.get(b.dtype, 99)
-    raw_norm = float(torch.linalg.vector_norm(t.float() - b.float())) if rounded else 0.0
-    if rounded:
-        # Storage rounding of the tuned file is not fine-tuning: compare like with like.
-        b = b.to(t.dtype)
-    coarser = quantized.coarser(b_dtype, t_dtype)
+    floats = b_dtype.is_floating_point and t_dtype.is_floating_point
+    coarser = floats and quantized.coarser(b_dtype, t_dtype)
+    b, t, rounded, raw_norm = _like_with_like(key, b, t, base, tuned, b_dtype, t_dtype)
     if torch.equal(b, t):
         return PairDelta(key, None, rounded, raw_norm, 0.0, coarser)
     work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
@@ -159,23 +153,24 @@ def pair_delta(key, b, t, base, tuned):
     return PairDelta(key, delta, rounded, raw_norm, kept, coarser)
 
 
-def _fp8_pair_delta(key, b, t, base, tuned, b_dtype, t_dtype):
-    """pair_delta where either side is fp8 (scaled or not): in float32 on the real weights
+def _like_with_like(key, b, t, base, tuned, b_dtype, t_dtype):
+    """(base, tuned, rounded, |tuned - base| before rounding) with the base rounded to the
+    tuned file's format where that is the coarser one. fp8 on either side: float32 real weights
     (a scaled weight is read as weight * scale), the base rounded with the tuned file's scale."""
-    b32, t32 = b.float(), t.float()
-    rounded = quantized.coarser(t_dtype, b_dtype) or _requantized(key, base, tuned, t_dtype,
-                                                                  b_dtype)
-    raw_norm = 0.0
-    if rounded:
-        raw_norm = float(torch.linalg.vector_norm(t32 - b32))
-        b32 = quantized.quantize_like(b32, t_dtype, tuned.scale(key), tuned.path, key)
-    coarser = quantized.coarser(b_dtype, t_dtype)
-    if torch.equal(b32, t32):
-        return PairDelta(key, None, rounded, raw_norm, 0.0, coarser)
-    delta = t32 - b32
-    _check_finite(delta, b32, t32, base, tuned, key)
-    kept = float(torch.linalg.vector_norm(delta)) if rounded else 0.0
-    return PairDelta(key, delta, rounded, raw_norm, kept, coarser)
+    if b_dtype in quantized.FP8_DTYPES or t_dtype in quantized.FP8_DTYPES:
+        b, t = b.float(), t.float()
+        rounded = quantized.coarser(t_dtype, b_dtype) or _requantized(key, base, tuned, t_dtype,
+                                                                      b_dtype)
+        if not rounded:
+            return b, t, False, 0.0
+        raw_norm = float(torch.linalg.vector_norm(t - b))
+        b = quantized.quantize_like(b, t_dtype, tuned.scale(key), tuned.path, key)
+        return b, t, True, raw_norm
+    if not (b.is_floating_point() and t.is_floating_point() and
+            quantized.coarser(t.dtype, b.dtype)):
+        return b, t, False, 0.0
+    raw_norm = float(torch.linalg.vector_norm(t.float() - b.float()))
+    return b.to(t.dtype), t, True, raw_norm
 
 
 def _requantized(key, base, tuned, t_dtype, b_dtype):
