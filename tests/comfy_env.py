@@ -56,6 +56,19 @@ def import_comfy():
     return comfy
 
 
+def load_pack(repo):
+    """This repository loaded as a custom node pack by ComfyUI's own loader, once per process
+    (a second load would make a new package module without its submodule attributes); returns
+    the package module, whose `deltasvd` is the pack's own copy of the core."""
+    import asyncio
+
+    import nodes as comfy_nodes
+    name = str(repo).replace(".", "_x_")
+    if name not in sys.modules:
+        assert asyncio.run(comfy_nodes.load_custom_node(str(repo)))
+    return sys.modules[name]
+
+
 def server_env(base=None):
     """Environment for `python main.py --cpu --port N` run as a subprocess in comfy_dir()."""
     env = dict(os.environ if base is None else base)

@@ -9,10 +9,8 @@ same file plus the extras, patched inputs are read as ComfyUI computes them, the
 warning, Cancel, Save/Load and their refusals, Resize, Spectrum.
 """
 
-import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,7 +38,7 @@ def host(tmp_path_factory):
     import folder_paths
     import nodes as comfy_nodes
     assert Path(comfy_nodes.__file__).parent == comfy_env.comfy_dir(), comfy_nodes.__file__
-    assert asyncio.run(comfy_nodes.load_custom_node(str(REPO)))
+    pack = comfy_env.load_pack(REPO)
     loras = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
     assert folder_paths.get_folder_paths("loras")[0] == str(loras)
@@ -52,7 +50,7 @@ def host(tmp_path_factory):
     h.loras = loras
     h.node = lambda name: comfy_nodes.NODE_CLASS_MAPPINGS[name]()
     # the pack imports its own copy of the core (as <pack>.deltasvd): its exception classes
-    h.pack = sys.modules[str(REPO).replace(".", "_x_")]
+    h.pack = pack
     return h
 
 

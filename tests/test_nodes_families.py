@@ -9,7 +9,6 @@ another family before anything is patched.
 """
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -46,13 +45,9 @@ def wan_state(seed):
 def host(tmp_path_factory):
     comfy_env.require_comfy()
     comfy = comfy_env.import_comfy()
-    import asyncio
-
     import folder_paths
     import nodes as comfy_nodes
-    pack = str(REPO).replace(".", "_x_")
-    if pack not in sys.modules:        # another test module may have loaded the pack already
-        assert asyncio.run(comfy_nodes.load_custom_node(str(REPO)))
+    pack = comfy_env.load_pack(REPO)
     folder = tmp_path_factory.mktemp("diffusion_models")
     from deltasvd.safetensors_io import write_tensors
     base = wan_state(0)
@@ -69,7 +64,7 @@ def host(tmp_path_factory):
     h = Host()
     h.comfy, h.folder = comfy, folder
     h.node = lambda name: comfy_nodes.NODE_CLASS_MAPPINGS[name]()
-    h.core = sys.modules[pack + ".deltasvd"]     # the pack's own copy of the core
+    h.core = pack.deltasvd     # the pack's own copy of the core
     h.base = comfy.sd.load_diffusion_model(str(folder / "wan_base.safetensors"))
     h.tuned = comfy.sd.load_diffusion_model(str(folder / "wan_tuned.safetensors"))
     return h
