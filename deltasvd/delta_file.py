@@ -124,6 +124,19 @@ def tensor_names(rec):
     return {"diff": m + (".diff" if rec.param == "weight" else ".diff_b")}
 
 
+LORA_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff", ".diff_b",
+                 ".w_norm", ".b_norm")   # what tensor_names appends to a LoRA module's name
+
+
+def module_of(tensor_name):
+    """The LoRA module a file tensor belongs to: its name less the part (generic module names,
+    `diffusion_model.<key>` / `text_encoders.<key>`, hold dots themselves)."""
+    for suffix in LORA_SUFFIXES:
+        if tensor_name.endswith(suffix):
+            return tensor_name[: -len(suffix)]
+    return tensor_name.split(".", 1)[0]
+
+
 def store_parts(rec, parts, tensors, extras):
     """Put a record's parts under their file names, in `extras` for an extra."""
     names = tensor_names(rec)

@@ -25,7 +25,7 @@ import comfy.utils
 
 from ..deltasvd import families
 from ..deltasvd.apply import delta_for, records_by_key
-from ..deltasvd.delta_file import decoded_delta
+from ..deltasvd.delta_file import decoded_delta, module_of
 from ..deltasvd.errors import DeltaError
 from ..deltasvd.sources import TensorSource
 
@@ -274,19 +274,6 @@ def delta_patches(delta, model, clip=None):
             plan.clip_patches[key] = patch
     _extras_patches(delta, model, clip, plan)
     return plan
-
-
-_PARTS = (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff", ".diff_b", ".w_norm",
-          ".b_norm")
-
-
-def module_of(tensor_name):
-    """The LoRA module a file tensor belongs to: its name less the part (module names of the
-    generic form, `diffusion_model.<key>` / `text_encoders.<key>`, hold dots themselves)."""
-    for part in _PARTS:
-        if tensor_name.endswith(part):
-            return tensor_name[: -len(part)]
-    return tensor_name.split(".", 1)[0]
 
 
 def _extras_patches(delta, model, clip, plan):
