@@ -56,12 +56,17 @@ def canonical_keys(raw_keys):
     """{canonical key: raw key} of a file's keys (the first raw key wins a clash). A diffusers
     pipeline's `transformer.` prefix is dropped (Qwen-Image's and HiDream's diffusers names are
     ComfyUI's own)."""
-    strip = len(_PIPELINE) if raw_keys and all(k.startswith(_PIPELINE) for k in raw_keys) else 0
+    strip = len(pipeline_prefix(raw_keys))
     bare = not any(k[strip:].startswith(_TOP_LEVEL) for k in raw_keys)
     key_map = {}
     for raw in raw_keys:
         key_map.setdefault(canonical_key(raw[strip:], bare), raw)
     return key_map
+
+
+def pipeline_prefix(raw_keys):
+    """`transformer.` when every key carries a diffusers pipeline's prefix, else ''."""
+    return _PIPELINE if raw_keys and all(k.startswith(_PIPELINE) for k in raw_keys) else ""
 
 
 class LegacyCheckpoint:
@@ -158,13 +163,12 @@ class Checkpoint:
         (Flux), {} for any other layout; other diffusers layouts are refused."""
         if any(k.startswith(UNET) or k.startswith(_UNET_ROOTS) for k in raw):
             return {}
-        prefix = _PIPELINE
-        bare = [k[len(prefix):] for k in raw] if raw and all(
-            k.startswith(prefix) for k in raw) else raw
+        prefix = pipeline_prefix(raw)
+        bare = [k[len(prefix):] for k in raw]
         for fam in families.REGISTRY:
             conversion = fam.from_diffusers(bare)
             if conversion:
-                return self._fused(conversion, prefix if bare is not raw else "", set(bare))
+                return self._fused(conversion, prefix, set(bare))
         if any(k.startswith(_DIFFUSERS_HINTS) or k.startswith(_DIFFUSERS_DIT_HINTS)
                for k in bare):
             raise DeltaError("looks like a diffusers-layout model of a family deltasvd cannot "
