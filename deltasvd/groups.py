@@ -15,10 +15,6 @@ def group_of(key, family):
     return families.family(family).group_of(key)
 
 
-def group_order(family):
-    return families.family(family).group_order
-
-
 def group_rows(records, nbytes_of, family):
     """Aggregate records per group: layers, rank stats, bytes, relative error."""
     fam = families.family(family)
