@@ -45,7 +45,10 @@ CHANGED_1D = 0.5        # fraction of 1-D tensors (biases, norms) of changed lay
 NOISE_FRACTION = 0.1    # dense noise floor, as a fraction of the low-rank delta's norm
 
 
+@lru_cache(maxsize=None)
 def _read_spec(family):
+    """The parsed spec file (read once: pair_spec, spec_dtype and spec_blocks all need it);
+    callers only read it."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     with gzip.open(os.path.join(SPEC_DIR, f"{family}.json.gz"), "rt", encoding="utf-8") as f:
