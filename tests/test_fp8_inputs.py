@@ -92,20 +92,25 @@ def plain_fp8_file(path, real, dtype=E4M3):
     return str(path)
 
 
+def stored_scale(f, k):
+    """The float64 scale a file stores weight `k` with (either scaled-fp8 form), or None."""
+    module = k.rsplit(".", 1)[0]
+    for scale_key in (module + ".scale_weight", module + ".weight_scale"):
+        if k.endswith(".weight") and scale_key in f.keys():
+            return f.get(scale_key).to(torch.float64)
+    return None
+
+
 def stored_real(path):
     """float64 real weights of a file, from its bytes: weight * scale where scaled."""
     f = SafeTensorsFile(path)
-    keys = set(f.keys())
     out = {}
-    for k in keys:
+    for k in f.keys():
         if not k.endswith((".weight", ".bias", ".scale")):
             continue
-        module = k.rsplit(".", 1)[0]
+        scale = stored_scale(f, k)
         w = f.get(k).to(torch.float64)
-        for scale_key in (module + ".scale_weight", module + ".weight_scale"):
-            if k.endswith(".weight") and scale_key in keys:
-                w = w * f.get(scale_key).to(torch.float64)
-        out[k] = w
+        out[k] = w if scale is None else w * scale
     f.close()
     return out
 
@@ -117,13 +122,7 @@ def reference_delta(base_path, tuned_path):
     f = SafeTensorsFile(tuned_path)
     out = {}
     for k, tv in t.items():
-        module = k.rsplit(".", 1)[0]
-        dtype = f.dtype(k)
-        bv = b[k]
-        scale = None
-        for scale_key in (module + ".scale_weight", module + ".weight_scale"):
-            if k.endswith(".weight") and scale_key in f.keys():
-                scale = f.get(scale_key).to(torch.float64)
+        dtype, bv, scale = f.dtype(k), b[k], stored_scale(f, k)
         if dtype in (E4M3, torch.float8_e5m2):
             bv = ref_round(bv / scale, dtype) * scale if scale is not None else ref_round(bv, dtype)
         out[k] = tv - bv
