@@ -117,6 +117,13 @@ def mem_available_mb():
     return None
 
 
+def default_limit_mb():
+    """The watchdog's RSS limit: what the machine has free now, less 1.5 GB (a missing row is
+    better than the OOM killer on a shared machine)."""
+    avail = mem_available_mb()
+    return max(avail - 1536, 2048) if avail else None
+
+
 def _rss_mb(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -222,9 +229,7 @@ def run_tool(tool, base, tuned, out_dir, family, scale, args):
     run.wall_s, run.peak_rss_mb, run.out_mb = 0.0, 0.0, 0.0
     for part, cmd, out in tool_commands(tool, base, tuned, out_dir, family, scale):
         Path(out).unlink(missing_ok=True)
-        avail = mem_available_mb()
-        limit = args.mem_limit_gb * 1024 if args.mem_limit_gb else (
-            max(avail - 1536, 2048) if avail else None)
+        limit = args.mem_limit_gb * 1024 if args.mem_limit_gb else default_limit_mb()
         log = out_dir / f"{tool}{'_' + part if part else ''}.log"
         lim = f" [RSS limit {limit / 1024:.1f} GB]" if limit else ""
         print(f"  {tool}{' (' + part + ')' if part else ''}: {' '.join(cmd[1:4])} ...{lim}",

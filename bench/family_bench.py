@@ -36,7 +36,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
-from compress_bench import (Run, mem_available_mb, run_child, tail,  # noqa: E402
+from compress_bench import (Run, default_limit_mb, run_child, tail,  # noqa: E402
                             warm_page_cache)
 from deltasvd import fixtures  # noqa: E402
 
@@ -133,9 +133,8 @@ def worker_comfy(base, tuned, out):
 def run(label, cmd, out, log, timeout):
     r = Run(label, label)
     Path(out).unlink(missing_ok=True)
-    avail = mem_available_mb()
-    limit = max(avail - 1536, 2048) if avail else None
-    print(f"  {label} [RSS limit {limit / 1024:.1f} GB] ...", flush=True)
+    limit = default_limit_mb()
+    print(f"  {label} [RSS limit {(limit or 0) / 1024:.1f} GB] ...", flush=True)
     rc, wall, rss, killed = run_child(cmd, log, limit, timeout)
     r.rc, r.wall_s, r.peak_rss_mb = rc, wall, rss
     if rc == 0 and not killed and os.path.isfile(out):
