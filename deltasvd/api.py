@@ -24,11 +24,12 @@ def host_meta_fn(delta, name):
 
 
 def compress_to_delta(base, tuned, rule, dtype="fp16", device="cpu", progress=None,
-                      allow_pickle=False, name="delta", codec=None):
-    """Compress in memory. Returns (delta, counts, tuned_bytes); size mode is fitted exactly.
-    `codec`: a compress.Codec (default: plain SVD factors)."""
-    delta, counts, tuned_bytes = Compressor(rule, dtype, device, progress, codec).run(
-        base, tuned, allow_pickle)
+                      allow_pickle=False, name="delta", codec=None, spill_dir=None):
+    """Compress. Returns (delta, counts, tuned_bytes); size mode is fitted exactly.
+    `codec`: a compress.Codec (default: plain SVD factors); `spill_dir`: where the factors wait
+    on disk for the file (default: the temp folder)."""
+    delta, counts, tuned_bytes = Compressor(rule, dtype, device, progress, codec,
+                                            spill_dir).run(base, tuned, allow_pickle)
     delta.info["tuned_bytes"] = tuned_bytes
     fit_size(delta, rule, name)
     return delta, counts, tuned_bytes
@@ -60,9 +61,11 @@ def save_delta(delta, path, overwrite=False, inputs=()):
 def compress_files(base, tuned, out, rule, dtype="fp16", device="cpu", overwrite=False,
                    allow_pickle=False, progress=None, codec=None):
     """base + tuned checkpoints -> delta file. Returns (delta, summary text)."""
-    check_output_path(out, overwrite, (base, tuned))  # fail before minutes of work, not after
+    out = check_output_path(out, overwrite, (base, tuned))  # fail before the work, not after
+    # The factors wait beside the output: where the file will need the room anyway.
     delta, counts, tuned_bytes = compress_to_delta(base, tuned, rule, dtype, device, progress,
-                                                   allow_pickle, output_name(out), codec)
+                                                   allow_pickle, output_name(out), codec,
+                                                   spill_dir=os.path.dirname(out))
     size = save_delta(delta, out, overwrite=overwrite, inputs=(base, tuned))
     return delta, compress_summary(delta, counts, size, tuned_bytes)
 

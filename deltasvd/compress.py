@@ -25,6 +25,7 @@ from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, lora_parts, store_pa
 from .errors import DeltaError
 from .ranks import RankRule, allocate_budget
 from .safetensors_io import file_sha256, tensor_data_sha256
+from .spill import SpillFile
 
 OVERSHOOT = 1.05  # size mode: code 5% over the estimated budget, then trim exactly
 MAX_WORKERS = 4   # layers coded at once on the CPU (memory: one delta each)
@@ -52,6 +53,7 @@ class Counts:
     rounding_raw2: float = 0.0    # squared |tuned - base| of the rounded tensors, before ...
     rounding_kept2: float = 0.0   # ... and after rounding the base
     base_coarser: int = 0         # tensors the base stores in less precision than the tuned
+    scale_orphans: list = field(default_factory=list)   # (file, key): scales ComfyUI ignores
 
 
 def storage_dtype(name):
@@ -79,6 +81,8 @@ def plan_keys(base, tuned, counts):
         else:
             counts.only_in_tuned.append(key)
     counts.only_in_base = [k for k in base.keys() if k not in tuned.key_map and not is_ignored(k)]
+    counts.scale_orphans = [(os.path.basename(c.path), k) for c in (base, tuned)
+                            for k in getattr(getattr(c, "quant", None), "orphans", ())]
     if only_in_tuned:
         raise DeltaError(f"{len(only_in_tuned)} tensor(s) exist only in the tuned model "
                          "(a delta cannot add weights); is the base the model it was tuned from?",
@@ -323,7 +327,9 @@ class Codec:
 class Compressor:
     """Runs the whole job; holds the options so the steps stay short."""
 
-    def __init__(self, rule, dtype="fp16", device="cpu", progress=None, codec=None):
+    def __init__(self, rule, dtype="fp16", device="cpu", progress=None, codec=None,
+                 spill_dir=None):
+        self.spill_dir = spill_dir     # where factors wait for the file (spill.py); None: temp
         self.codec = codec or Codec()
         if self.codec.name == "dct":
             rule = RankRule("energy", 1.0)     # unused: the bits budget decides
@@ -399,6 +405,7 @@ class Compressor:
         """Code every key; results are taken in key order so the file does not depend on
         which worker finished first."""
         records, tensors, extras, spectra = [], {}, {}, {}
+        spill = SpillFile(self.spill_dir)
         progress = self._progress("compress")
         workers, threads = self._parallelism()
         with blas_threads(threads):
@@ -414,6 +421,8 @@ class Compressor:
                             continue
                         idx = len(records)
                         records.append(piece.rec)
+                        if not piece.rec.extra:   # extras go into the header, in memory
+                            parts = {k: spill.keep(v) for k, v in parts.items()}
                         store_parts(piece.rec, parts, tensors, extras)
                         if s is not None:
                             spectra[idx] = (s, s)

@@ -47,6 +47,12 @@ def compress_summary(delta, counts, file_bytes, tuned_bytes):
         lines.append(f"warning: the base stores {counts.base_coarser} tensors in less precision "
                      "than the fine-tune, so the base's own rounding error is inside the delta "
                      "(were base and tuned given the other way round?)")
+    if counts.scale_orphans:
+        where, key = counts.scale_orphans[0]
+        lines.append(f"warning: {len(counts.scale_orphans)} scale tensors that no scaled-fp8 "
+                     f"marker or comfy_quant config names (e.g. {key} in {where}): ComfyUI "
+                     "ignores them, so their weights were read as stored, unscaled, as ComfyUI "
+                     "loads them")
     if counts.only_in_base:
         lines.append(f"{len(counts.only_in_base)} tensors only in the base (e.g. "
                      f"{counts.only_in_base[0]}): treated as unchanged")

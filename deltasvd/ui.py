@@ -12,6 +12,7 @@ import os
 
 import gradio as gr
 
+from . import families
 from . import ui_actions as actions
 from .errors import DeltaError
 from .explorer import LAYER_HEADERS, MODES
@@ -138,7 +139,8 @@ def _explore_tab(host):
             explorer = actions.analyse(b, t, dtype, _progress(progress))
             slider = _slider_update(explorer, mode, host)
             value = slider["value"]
-            status = (f"analysed {os.path.basename(t)} against {os.path.basename(b)}: "
+            status = (f"analysed {os.path.basename(t)} against {os.path.basename(b)} "
+                      f"({families.title(explorer.analysis.family)}): "
                       f"{len(explorer.analysis.records)} changed pieces, "
                       f"{len(explorer.coded)} matrices ({dtype}); move the slider")
             return [explorer, status, slider, *_render(explorer, mode, value, sort)]

@@ -250,3 +250,21 @@ def test_a_new_tensor_inside_a_shared_part_is_refused(tmp_path):
     with pytest.raises(DeltaError, match="only in the tuned model") as e:
         compress(tmp_path, str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"))
     assert "double_blocks.0.img_attn.extra.weight" in str(e.value)
+
+
+def test_a_scale_no_config_names_is_reported_and_ignored(tmp_path):
+    """ComfyUI ignores a `weight_scale` without its `comfy_quant` config (the weight loads as
+    stored); so does deltasvd, and the summary says so, naming the file and the tensor."""
+    base = base_state()
+    base_path = str(tmp_path / "base.safetensors")
+    write_tensors(base_path, base)
+    tuned_path = comfy_quant_file(tmp_path / "tuned.safetensors", fine_tuned(base))
+    ref = reference_delta(base_path, tuned_path)     # before the stray scale is added
+    with SafeTensorsFile(tuned_path) as f:
+        tensors = {k: f.get(k) for k in f.keys()}
+    tensors["img_in.weight_scale"] = torch.tensor(4.0)          # no img_in.comfy_quant
+    write_tensors(tuned_path, tensors, overwrite=True)
+    delta, summary, _ = compress(tmp_path, base_path, tuned_path)
+    assert "warning: 1 scale tensors" in summary
+    assert "img_in.weight_scale in tuned.safetensors" in summary
+    check_against_reference(delta, ref)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from deltasvd.delta_file import read_delta, reconstruct
+from deltasvd.fixtures import make_pair
 from ui_env import CHROMEDRIVER, CHROMIUM, require_browser
 from ui_pair import assert_same_table, cli_compress, small_pair, total_mb
 
@@ -43,10 +44,13 @@ def folders(tmp_path_factory):
     models.mkdir()
     loras.mkdir()
     base, tuned = small_pair(models)
+    # A Flux.1 pair (real names and widths, block 0 of each kind), bf16 as Flux ships.
+    flux = make_pair(models, "flux_dev", "small", seed=3, base_dtype=torch.bfloat16,
+                     tuned_dtype=torch.bfloat16)
     junk = models / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
     return {"root": root, "models": models, "loras": loras, "base": base, "tuned": tuned,
-            "junk": str(junk)}
+            "junk": str(junk), "flux": flux}
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +230,35 @@ def test_inspect_and_resize(browser, folders):
     assert text.startswith(path), text
     assert read_delta(path).info["resized_from"] == "energy=0.3"
     page.d.save_screenshot(os.path.join(SHOTS, "ui_inspect.png"))
+
+
+def test_a_dit_family(browser, folders, tmp_path):
+    """A Flux.1 pair in the page: Flux's groups and LoRA names, the table and the saved file
+    as `deltasvd compress` gives them."""
+    page = Page(browser)
+    tabs = page.d.find_elements(page.By.XPATH, "//button[@role='tab'][contains(., 'Explore')]")
+    next(t for t in tabs if t.is_displayed()).click()
+    base, tuned = folders["flux"]
+    page.type("dsvd-base", os.path.basename(base))
+    page.type("dsvd-tuned", os.path.basename(tuned))
+    before = page.text("dsvd-status")
+    page.click("dsvd-analyze")
+    page.wait(lambda: page.text("dsvd-status") != before and
+              page.text("dsvd-status").startswith("analysed"))
+    assert "Flux" in page.text("dsvd-status") + page.text("dsvd-numbers")
+    page.set_value(0.25)
+    printed = cli_compress(base, tuned, tmp_path / "flux.safetensors", "--energy", "0.25")
+    groups = page.wait(lambda: "double_blocks" in page.text("dsvd-groups") and
+                       page.text("dsvd-groups"))
+    assert_same_table(groups, printed)
+    layers = page.d.find_element(page.By.ID, "dsvd-layers").text
+    assert "lora_unet_double_blocks_0_" in layers and "lora_unet_final_layer_linear" in layers
+    page.d.save_screenshot(os.path.join(SHOTS, "ui_flux.png"))
+    page.type("dsvd-name", "flux_from_ui")
+    page.click("dsvd-save")
+    path = os.path.join(folders["loras"], "flux_from_ui.safetensors")
+    page.wait(lambda: page.text("dsvd-status") == f"saved {path}")
+    saved, cli = read_delta(path), read_delta(tmp_path / "flux.safetensors")
+    assert saved.family == "flux"
+    assert [r.rank for r in saved.records] == [r.rank for r in cli.records]
+    assert saved.tensors.keys() == cli.tensors.keys()
