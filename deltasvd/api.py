@@ -80,15 +80,16 @@ def resize_delta(delta, rule, name="delta", where=None):
     return resize(delta, rule)
 
 
-def resize_file(src, out, rule, overwrite=False):
-    delta = resize_delta(read_delta(src), rule, output_name(out), where=src)
+def resize_file(src, out, rule, overwrite=False, verify=True):
+    delta = resize_delta(read_delta(src, verify), rule, output_name(out), where=src)
     return delta, _saved_as(delta, out, src, overwrite)
 
 
-def convert_file(src, out, rule, dtype="fp16", device="cpu", overwrite=False, progress=None):
+def convert_file(src, out, rule, dtype="fp16", device="cpu", overwrite=False, progress=None,
+                 verify=True):
     """A qsvd / dct delta file -> a LoRA-format delta file (decode, then factor again)."""
     check_output_path(out, overwrite, (src,))
-    delta = to_lora(read_delta(src), rule, dtype, device, progress, where=src)
+    delta = to_lora(read_delta(src, verify), rule, dtype, device, progress, where=src)
     return delta, _saved_as(delta, out, src, overwrite)
 
 

@@ -1,5 +1,6 @@
 """Base checkpoint + delta file -> a full checkpoint of the base's layout and dtype (streamed)."""
 
+import math
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +10,7 @@ from . import families, quantized
 from .checkpoint import Checkpoint
 from .compress import _fingerprint
 from .delta_file import read_delta, reconstruct
-from .errors import DeltaError
+from .errors import DeltaError, UsageError
 from .safetensors_io import write_streaming
 
 
@@ -39,10 +40,17 @@ def check_family(delta, family, where):
 
 
 def apply_file(base_path, delta_path, out_path, strength=1.0, force=False, overwrite=False,
-               allow_pickle=False, progress=None):
+               allow_pickle=False, progress=None, warn=None, verify=True):
     """Write base + strength * delta. Refuses a base other than the one the delta was made
-    against (by tensor-data sha256) unless `force`. Returns the number of patched tensors."""
-    delta = read_delta(delta_path)
+    against (by tensor-data sha256) unless `force`, and any patched value that is not finite.
+    `warn(text)` hears what deserves a word but no refusal; `verify`: read_delta's. Returns
+    the number of patched tensors."""
+    if not math.isfinite(strength):
+        raise UsageError(f"strength must be a finite number, not {strength}")
+    delta = read_delta(delta_path, verify)
+    if warn and not delta.info.get("base_sha256"):
+        warn(f"{delta_path}: the delta records no fingerprint of its base (it was made from "
+             "loaded models), so nothing checks that this is the base it was made against")
     base = Checkpoint(base_path, allow_pickle)
     try:
         check_family(delta, base.family, base.path)
@@ -85,7 +93,14 @@ def patched(base, key, raw, delta, recs, strength):
     fp8 included: the scale stays, the weight is quantized again with it)."""
     real = base.get(key).float()
     new = real + strength * delta_for(delta, recs, real.shape)
-    return quantized.store_like(new, base.raw.dtype(raw), base.scale(key), base.path, key)
+    out = quantized.store_like(new, base.raw.dtype(raw), base.scale(key), base.path, key)
+    if not bool(torch.isfinite(out.float()).all()):
+        if not bool(torch.isfinite(real).all()):
+            raise DeltaError("the base itself holds NaN or Inf here", base.path, key)
+        raise DeltaError(f"patching at strength {strength} gives values outside the range of "
+                         f"{base.raw.dtype(raw)} (NaN or Inf); nothing was written",
+                         delta.info.get("file"), key)
+    return out
 
 
 def _check_fingerprint(delta, base, hashing, force):

@@ -18,7 +18,7 @@ import torch
 
 from . import families, quantized
 from .errors import DeltaError
-from .safetensors_io import SafeTensorsFile
+from .safetensors_io import SafeTensorsFile, open_input
 
 UNET = families.UNET
 # A key under one of these names its part of the model; a file none of whose keys does is a
@@ -138,8 +138,7 @@ class Checkpoint:
 
     def __init__(self, path, allow_pickle=False):
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise DeltaError("file not found", self.path)
+        open_input(self.path).close()   # exists, readable, a regular file (not a FIFO)
         if self.path.lower().endswith((".ckpt", ".pt", ".pth", ".bin")):
             if not allow_pickle:
                 raise DeltaError("legacy pickle checkpoint: pass --allow-pickle to read it "

@@ -1,7 +1,9 @@
 """`deltasvd` command line. Exit codes: 0 ok, 1 failure, 2 usage error."""
 
 import argparse
+import math
 import os
+import signal
 import sys
 
 from . import __version__
@@ -17,14 +19,30 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+NO_VERIFY = ("skip checking the delta's tensor data against the sha256 it records (one read "
+             "of the file, for speed; its records and values are still checked)")
+
+
+def finite(text):
+    """A float option: NaN and infinities are usage errors, not values (a strength of nan
+    would write NaN into every patched weight)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
 def _add_rule_args(p, required=True):
     g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("--energy", type=float, metavar="T",
+    g.add_argument("--energy", type=finite, metavar="T",
                    help="smallest rank with sum(s[:t]) / sum(s) >= T (the paper's rule), 0<T<=1")
-    g.add_argument("--fro", type=float, metavar="F",
+    g.add_argument("--fro", type=finite, metavar="F",
                    help="the same on s^2: retained Frobenius energy, 0<F<=1")
     g.add_argument("--rank", type=int, metavar="R", help="a fixed rank for every layer")
-    g.add_argument("--size-mb", type=float, metavar="M",
+    g.add_argument("--size-mb", type=finite, metavar="M",
                    help="a total file size (MiB), ranks allocated to minimise total error")
     p.add_argument("--min-rank", type=int, default=1, help="lower clamp on every rank")
     p.add_argument("--max-rank", type=int, default=None, help="upper clamp on every rank")
@@ -61,6 +79,8 @@ def codec_problem(args):
         return "--bits is for --codec dct; quantized factors: --factor-bits"
     if args.factor_bits is not None and not 1 <= args.factor_bits <= FACTOR_MAX_BITS:
         return f"--factor-bits must lie in 1..{FACTOR_MAX_BITS}"
+    if args.factor_bits is not None and args.size_mb is not None:
+        return "--size-mb works with plain factors only (not --factor-bits)"
     return None
 
 
@@ -78,7 +98,7 @@ def build_parser():
     _add_rule_args(c, required=False)
     c.add_argument("--codec", default="svd", choices=["svd", "dct"],
                    help="svd (default: LoRA-format factors) or dct (Delta-DCT, needs --bits)")
-    c.add_argument("--bits", type=float, metavar="B",
+    c.add_argument("--bits", type=finite, metavar="B",
                    help="dct: bits per parameter, side data included (e.g. 0.5 .. 4)")
     c.add_argument("--factor-bits", type=int, metavar="F",
                    help="svd: quantize the factors, F bits (1..8) for the leading singular "
@@ -92,22 +112,25 @@ def build_parser():
 
     i = sub.add_parser("inspect", help="show a delta file's metadata and rank table")
     i.add_argument("delta")
+    i.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
 
     a = sub.add_parser("apply", help="base + delta -> full checkpoint")
     a.add_argument("base")
     a.add_argument("delta")
     a.add_argument("-o", "--output", required=True)
-    a.add_argument("--strength", type=float, default=1.0)
+    a.add_argument("--strength", type=finite, default=1.0)
     a.add_argument("--force", action="store_true",
                    help="apply even if the base is not the one the delta was made against")
     a.add_argument("--allow-pickle", action="store_true")
     a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
 
     r = sub.add_parser("resize", help="cut a delta file to a smaller threshold or size")
     r.add_argument("delta")
     r.add_argument("-o", "--output", required=True)
     _add_rule_args(r)
     r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
 
     v = sub.add_parser("convert", help="a qsvd / dct delta -> a LoRA-format delta file "
                        "(decode, then factor again)")
@@ -117,10 +140,11 @@ def build_parser():
     v.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     v.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     v.add_argument("--overwrite", action="store_true")
+    v.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
 
     d = sub.add_parser("demo", help="the whole job on a built-in small pair")
     d.add_argument("--dir", default=None, help="where to put the files (default: a new temp dir)")
-    d.add_argument("--energy", type=float, default=0.5)
+    d.add_argument("--energy", type=finite, default=0.5)
     u = sub.add_parser("ui", help="the threshold explorer page in a browser (needs gradio)")
     u.add_argument("--port", type=int, default=7861)
     u.add_argument("--listen", default="127.0.0.1",
@@ -128,7 +152,7 @@ def build_parser():
     u.add_argument("--models", default=".", help="folder whose checkpoints the page lists")
     u.add_argument("--loras", default=None,
                    help="where Save writes and Inspect looks (default <models>/loras)")
-    u.add_argument("--threshold", type=float, default=0.5, help="the slider's first value")
+    u.add_argument("--threshold", type=finite, default=0.5, help="the slider's first value")
     return p
 
 
@@ -184,8 +208,12 @@ def cmd_compress(args):
 def cmd_inspect(args):
     from .delta_file import read_delta
     from .summary import inspect_text
-    delta = read_delta(args.delta)
+    delta = read_delta(args.delta, verify=not args.no_verify)
     print(inspect_text(delta, os.path.getsize(args.delta)))
+
+
+def _warn(text):
+    print(f"deltasvd: warning: {text}", file=sys.stderr)
 
 
 def cmd_apply(args):
@@ -193,7 +221,8 @@ def cmd_apply(args):
     progress, close = _progress_bar()
     try:
         n = apply_file(args.base, args.delta, args.output, args.strength, args.force,
-                       args.overwrite, args.allow_pickle, progress)
+                       args.overwrite, args.allow_pickle, progress, warn=_warn,
+                       verify=not args.no_verify)
     finally:
         close()
     print(f"patched {n} tensors at strength {args.strength}; wrote {args.output}")
@@ -202,7 +231,8 @@ def cmd_apply(args):
 def cmd_resize(args):
     from .api import resize_file
     from .summary import inspect_text
-    delta, size = resize_file(args.delta, args.output, _rule(args), args.overwrite)
+    delta, size = resize_file(args.delta, args.output, _rule(args), args.overwrite,
+                              verify=not args.no_verify)
     print(inspect_text(delta, size))
     print(f"\nwrote {args.output}")
 
@@ -213,7 +243,8 @@ def cmd_convert(args):
     progress, close = _progress_bar()
     try:
         delta, size = convert_file(args.delta, args.output, _rule(args), args.dtype,
-                                   _device(args.device), args.overwrite, progress)
+                                   _device(args.device), args.overwrite, progress,
+                                   verify=not args.no_verify)
     finally:
         close()
     print(inspect_text(delta, size))
@@ -260,6 +291,7 @@ def main(argv=None):
     problem = codec_problem(args) if args.command == "compress" else None
     if problem:
         parser.error(problem)                  # exit 2, like argparse's own checks
+    previous = _terminate_as_interrupt()
     try:
         COMMANDS[args.command](args)
     except UsageError as e:
@@ -271,4 +303,22 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("deltasvd: interrupted; no output written", file=sys.stderr)
         return EXIT_FAIL
+    finally:
+        _restore(previous)
     return EXIT_OK
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (timeout, systemd, docker stop) unwinds like Ctrl-C, so the half-written output
+    is removed. Only from the main thread (signal handlers can be set nowhere else)."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        return signal.signal(signal.SIGTERM, interrupted)
+    except ValueError:      # not the main thread (main() called from a worker)
+        return None
+
+
+def _restore(previous):
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

@@ -56,6 +56,11 @@ class Counts:
     scale_orphans: list = field(default_factory=list)   # (file, key): scales ComfyUI ignores
 
 
+# Spectra are stored as float16 (delta_file.py): a change whose singular values pass its
+# largest value is no fine-tune (real deltas have singular values of order 1 to 100).
+SPECTRUM_MAX = float(np.finfo(np.float16).max)
+
+
 def storage_dtype(name):
     if name not in STORAGE_DTYPES:
         raise DeltaError(f"unknown --dtype {name!r}; use fp16, bf16 or fp32")
@@ -88,6 +93,29 @@ def plan_keys(base, tuned, counts):
                          "(a delta cannot add weights); is the base the model it was tuned from?",
                          tuned.path, only_in_tuned[0])
     return keys
+
+
+def _available_bytes():
+    """Memory (RAM + swap) free for this job now, or None where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def _check_memory(tuned, keys):
+    """Refuse, before any reading or hashing, a tensor whose float32 pair and delta alone
+    cannot fit in this machine's memory (it would end in an allocator traceback)."""
+    free = _available_bytes()
+    if free is None or not keys:
+        return
+    key = max(keys, key=lambda k: math.prod(tuned.shape(k)))
+    need = 3 * 4 * math.prod(tuned.shape(key))
+    if need > free:
+        raise DeltaError(f"compressing this tensor needs about {need / 2**30:.1f} GiB of memory "
+                         f"and {free / 2**30:.1f} GiB is available", tuned.path, key)
 
 
 def model_part(key):
@@ -248,12 +276,16 @@ def code_matrix(piece, rule, dtype, device, factor_bits=None):
     d, k = m.shape
     md = m.to(device)
     dec, t, dense = spectrum.decide_rank(md, rule)
+    if len(dec.s) and dec.s[0] > SPECTRUM_MAX:
+        raise DeltaError(f"the fine-tune changed this tensor far more than fine-tuning does "
+                         f"(largest singular value of the change {dec.s[0]:.3g}): is the file "
+                         "damaged, or not a fine-tune of this base?", None, rec.key)
     rec.n, rec.precision = min(d, k), dec.precision
     rec.sum_s, rec.sum_s2 = float(np.sum(dec.s)), float(np.sum(dec.s * dec.s))
     rec.norm2 = dec.fro2
     if dense:
         rec.kind, rec.rank = "dense", t
-        stored = piece.data.to(dtype)
+        stored = _stored(piece.data, dtype, rec)
         rec.err2 = float((piece.data - stored.float()).double().pow(2).sum())
         return {"diff": stored}, dec.s
     rec.kind, rec.rank = "svd", t
@@ -263,9 +295,18 @@ def code_matrix(piece, rule, dtype, device, factor_bits=None):
         rec.kind = "qsvd"
         rec.err2 = spectrum.residual_norm(md, a.to(md.device), b.to(md.device)) ** 2
         return parts, dec.s
-    a, b = a.to(dtype), b.to(dtype)
+    a, b = _stored(a, dtype, rec), _stored(b, dtype, rec)
     rec.err2 = spectrum.residual_norm(md, a.float(), b.float()) ** 2
     return lora_parts(rec, a.cpu(), b.cpu()), dec.s
+
+
+def _stored(t, dtype, rec):
+    """`t` in the storage dtype, refused if that overflows it (fp16 ends at 65504)."""
+    out = t.to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise DeltaError(f"the delta's values overflow {dtype} (largest "
+                         f"{float(t.abs().max()):.3g}); use --dtype bf16 or fp32", None, rec.key)
+    return out
 
 
 def code_dct(piece, bits):
@@ -346,6 +387,12 @@ class Compressor:
     def run(self, base_path, tuned_path, allow_pickle=False):
         """Two checkpoint files -> (delta, counts, tuned file bytes), with fingerprints."""
         base, tuned = open_pair(base_path, tuned_path, allow_pickle)
+        try:    # before hashing gigabytes, not after
+            _check_memory(tuned, [k for k in tuned.keys() if k in base.key_map])
+        except DeltaError:
+            base.close()
+            tuned.close()
+            raise
         with ThreadPoolExecutor(max_workers=2) as hashers:
             hashes = [hashers.submit(_fingerprint, p) for p in (base.path, tuned.path)]
             delta, counts = self.run_readers(base, tuned, os.path.basename(base.path),
@@ -468,6 +515,22 @@ class Compressor:
         return self._code_read(key, base.get(key), tuned.get(key), base, tuned, fixed_ranks)
 
     def _code_read(self, key, b, t, base, tuned, fixed_ranks):
+        try:
+            return self._coded(key, b, t, base, tuned, fixed_ranks)
+        except DeltaError as e:
+            if e.path is not None:
+                raise
+            raise DeltaError(e.message, tuned.path, e.tensor or key) from None
+        except MemoryError:
+            raise DeltaError("out of memory while compressing this tensor", tuned.path,
+                             key) from None
+        except RuntimeError as e:   # torch's allocator says so in a RuntimeError
+            if "alloc" not in str(e):
+                raise
+            raise DeltaError("out of memory while compressing this tensor", tuned.path,
+                             key) from None
+
+    def _coded(self, key, b, t, base, tuned, fixed_ranks):
         pd = pair_delta(key, b, t, base, tuned)
         del b, t
         if not pd.changed:

@@ -5,9 +5,12 @@ are already LoRA parts (1-D deltas, dense fallbacks, zero fills) are kept as the
 
 from dataclasses import replace
 
+import torch
+
 from .compress import Piece, _fmt, code_matrix, storage_dtype
 from .delta_file import CODED_PARTS, Delta, reconstruct, store_parts
 from .errors import DeltaError
+from .lapack import LapackError
 
 
 def to_lora(delta, rule, dtype="fp16", device="cpu", progress=None, where=None):
@@ -28,8 +31,13 @@ def to_lora(delta, rule, dtype="fp16", device="cpu", progress=None, where=None):
         parts = delta.stored(rec)
         if rec.kind in CODED_PARTS:
             data = reconstruct(rec, parts)
+            if not bool(torch.isfinite(data).all()):
+                raise DeltaError("decodes to NaN or Inf (a damaged file?)", where, rec.name)
             new = replace(rec, kind="svd", patch=0, rank=0)
-            parts, s = code_matrix(Piece(new, data), rule, dt, device)
+            try:
+                parts, s = code_matrix(Piece(new, data), rule, dt, device)
+            except LapackError as e:
+                raise DeltaError(f"cannot be factored ({e})", where, rec.name) from None
             new.err2 += rec.err2
             new.norm2 = rec.norm2
             if s is not None:

@@ -29,18 +29,21 @@ Header metadata (strings; stock loaders ignore it):
 """
 
 import base64
+import binascii
 import json
 import os
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import safetensors.torch
 import torch
 
-from . import dct_codec, quant
 from .errors import DeltaError
-from .safetensors_io import HEADER_LIMIT, SafeTensorsFile, write_tensors
+from . import dct_codec, quant
+from .delta_checks import check_finite, check_parts, check_records, check_spectra
+from .safetensors_io import HEADER_LIMIT, SafeTensorsFile, tensor_data_sha256, write_tensors
 
 FORMAT = "deltasvd"
 VERSION = "1"
@@ -48,6 +51,7 @@ KNOWN_CODECS = ("svd", "qsvd", "dct")
 FACTORED_KINDS = ("svd", "qsvd")   # records stored as factors of a rank
 CODED_PREFIX = "deltasvd:"   # tensor names in files of a codec other than "svd"
 EXTRAS_PREFIX = CODED_PREFIX + "extra:"   # ... and their extras (a tensor, not the blob)
+INFLATE_MIN, INFLATE_RATIO = 64 << 20, 64   # bound on an inflated metadata blob (_unpack)
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -218,8 +222,16 @@ def _pack(array_bytes):
     return base64.b64encode(zlib.compress(array_bytes, 9)).decode("ascii")
 
 
-def _unpack(text):
-    return zlib.decompress(base64.b64decode(text))
+def _unpack(text, what):
+    """Inflate a metadata blob, refusing a zip bomb: legitimate blobs (JSON records, float
+    spectra, float extras) inflate at most a few times; a crafted one, a thousandfold."""
+    packed = base64.b64decode(text, validate=True)
+    limit = max(INFLATE_MIN, INFLATE_RATIO * len(packed))
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(packed, limit)
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError(f"{what} inflates beyond {limit >> 20} MiB (or is cut short)")
+    return out
 
 
 def _record_dict(rec):
@@ -272,8 +284,46 @@ def write_delta(path, delta, host_metadata_fn, overwrite=False, inputs=()):
                   inputs=inputs)
 
 
-def read_delta(path):
-    """Read a deltasvd file; a LoRA file of another tool or an unknown codec is refused."""
+def read_delta(path, verify=True):
+    """Read a deltasvd file; a LoRA file of another tool or an unknown codec is refused, and so
+    is a file whose bytes, records, spectra or tensors do not hold together (delta_checks.py),
+    each check before anything is computed from what it checks. `verify`: check the tensor
+    data against the sha256 the file records (False skips the one read of the file it costs)."""
+    meta, codec, tensors = _read_file(path)
+    if verify:
+        _verify_hash(path, meta)
+    check_finite(tensors, path)
+    coded_extras = {}
+    if codec != "svd":
+        coded_extras = {k[len(EXTRAS_PREFIX):]: t for k, t in tensors.items()
+                        if k.startswith(EXTRAS_PREFIX)}
+        tensors = {k[len(CODED_PREFIX):]: t for k, t in tensors.items()
+                   if not k.startswith(EXTRAS_PREFIX)}
+    with _corrupt_metadata(path):
+        records = [LayerRecord(**r) for r in json.loads(_unpack(meta["deltasvd.layers"],
+                                                                "deltasvd.layers"))]
+    check_records(records, path)
+    with _corrupt_metadata(path):
+        extras = (_load_extras(_unpack(meta["deltasvd.extras"], "deltasvd.extras"))
+                  if "deltasvd.extras" in meta else {})
+    check_finite(extras, path, lambda name: "deltasvd.extras:" + name)
+    extras.update(coded_extras)
+    info = {k[len("deltasvd."):]: v for k, v in meta.items() if k.startswith("deltasvd.")
+            and k not in ("deltasvd.layers", "deltasvd.spectra", "deltasvd.extras",
+                          "deltasvd.ranks")}
+    delta = Delta(family=meta.get("deltasvd.family"), records=records, tensors=tensors,
+                  extras=extras, spectra={}, info=info)
+    delta.info["file"] = os.path.basename(os.fspath(path))
+    check_parts(delta, path, tensor_names, CODED_PARTS)
+    with _corrupt_metadata(path):
+        delta.spectra = _decode_spectra(records, _unpack(meta["deltasvd.spectra"],
+                                                         "deltasvd.spectra"))
+    check_spectra(delta, path)
+    return delta
+
+
+def _read_file(path):
+    """(metadata, codec, {file tensor name: tensor}) of a deltasvd file."""
     with SafeTensorsFile(path) as f:
         meta = f.metadata
         if meta.get("deltasvd.format") != FORMAT:
@@ -292,27 +342,39 @@ def read_delta(path):
         if plain:
             raise DeltaError(f"corrupt {codec} delta: tensor name without the "
                              f"{CODED_PREFIX!r} prefix", path, plain[0])
-        coded_extras = {k[len(EXTRAS_PREFIX):]: t for k, t in tensors.items()
-                        if k.startswith(EXTRAS_PREFIX)}
-        tensors = {k[len(CODED_PREFIX):]: t for k, t in tensors.items()
-                   if not k.startswith(EXTRAS_PREFIX)}
+    return meta, codec, tensors
+
+
+@contextmanager
+def _corrupt_metadata(path):
+    """Whatever a malformed metadata blob raises while decoded, as one DeltaError."""
     try:
-        records = [LayerRecord(**r) for r in json.loads(_unpack(meta["deltasvd.layers"]))]
-        spectra = _decode_spectra(records, _unpack(meta["deltasvd.spectra"]))
-        extras = (safetensors.torch.load(_unpack(meta["deltasvd.extras"]))
-                  if "deltasvd.extras" in meta else {})
-        if codec != "svd":
-            extras.update(coded_extras)
-    except (KeyError, ValueError, TypeError, zlib.error) as e:
-        raise DeltaError(f"corrupt deltasvd metadata ({e})", path) from None
-    info = {k[len("deltasvd."):]: v for k, v in meta.items() if k.startswith("deltasvd.")
-            and k not in ("deltasvd.layers", "deltasvd.spectra", "deltasvd.extras",
-                          "deltasvd.ranks")}
-    delta = Delta(family=meta.get("deltasvd.family"), records=records, tensors=tensors,
-                  extras=extras, spectra=spectra, info=info)
-    delta.info["file"] = os.path.basename(os.fspath(path))
-    _check_complete(delta, path)
-    return delta
+        yield
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError, zlib.error,
+            binascii.Error) as e:
+        raise DeltaError(f"corrupt deltasvd metadata ({str(e)[:200]})", path) from None
+
+
+def _load_extras(raw):
+    """The extras blob: a safetensors image, parsed by our own strict reader's rules."""
+    try:
+        return safetensors.torch.load(raw)
+    except Exception as e:   # the library raises its own SafetensorError (not an OSError)
+        raise ValueError(f"deltasvd.extras is not a safetensors image ({str(e)[:120]})") \
+            from None
+
+
+def _verify_hash(path, meta):
+    """The tensor-data sha256 the file records (sshs_model_hash, what A1111 shows as its
+    hash) against its bytes: a flipped bit or an edited tensor is caught here."""
+    want = meta.get("sshs_model_hash")
+    if not want:
+        return
+    got = tensor_data_sha256(path)
+    if got != want:
+        raise DeltaError(f"its tensor data does not match the sha256 it records "
+                         f"(sshs_model_hash {want[:12]}…, the bytes give {got[:12]}…): the "
+                         "file is damaged or was altered; download it again", path)
 
 
 def _decode_spectra(records, raw):
@@ -328,32 +390,6 @@ def _decode_spectra(records, raw):
     if fi != full.size or hi != head.size:
         raise ValueError("spectra do not match the layer records")
     return spectra
-
-
-def _check_complete(delta, path):
-    for rec in delta.records:
-        names = tensor_names(rec)
-        src = delta.extras if rec.extra else delta.tensors
-        for name in names.values():
-            if name not in src:
-                raise DeltaError("corrupt delta: a recorded tensor is missing", path, name)
-        if rec.kind in CODED_PARTS:
-            check_coded(rec, delta.stored(rec), path)
-
-
-def check_coded(rec, parts, path=None):
-    """DeltaError naming the file and tensor unless a coded record's parts fit its shape."""
-    d, k = rec.matrix_shape
-    try:
-        if rec.kind == "dct":
-            if rec.patch < 1:
-                raise ValueError(f"patch size {rec.patch}")
-            dct_codec.check({"codes": parts["dct_codes"], "scales": parts["dct_scales"],
-                             "bits": parts["dct_bits"]}, d, k, rec.patch)
-        else:
-            quant.check(parts, d, k)
-    except (ValueError, KeyError) as e:
-        raise DeltaError(f"corrupt {rec.kind} data ({e})", path, rec.name) from None
 
 
 def file_size(delta, host_meta):

@@ -1,20 +1,37 @@
 """`deltasvd demo`: the main job on a built-in small pair, end to end."""
 
 import os
+import shutil
 import tempfile
 import time
 
-
 from .api import compress_files
 from .apply import apply_file
+from .errors import DeltaError
 from .fixtures import make_pair
 from .ranks import RankRule
 from .safetensors_io import SafeTensorsFile
 
 
 def run_demo(folder=None, energy=0.5):
+    rule = RankRule("energy", energy)         # a bad value fails before anything is written
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+        raise DeltaError("--dir names a file, not a folder", folder)
+    made = folder is None
     folder = folder or tempfile.mkdtemp(prefix="deltasvd-demo-")
-    os.makedirs(folder, exist_ok=True)
+    try:
+        _run(folder, rule, energy)
+    except BaseException:
+        if made:                               # nothing of a failed demo stays behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _run(folder, rule, energy):
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DeltaError(f"cannot make the folder ({e.strerror})", folder) from None
     print(f"1. making a small SD1.5-layout pair (fp32 base, fp16 fine-tune) in {folder}")
     base, tuned = make_pair(folder, family="sd15", scale="small", seed=0)
     out = os.path.join(folder, "delta.safetensors")
@@ -24,7 +41,7 @@ def run_demo(folder=None, energy=0.5):
             os.remove(path)
     print(f"2. compressing at energy {energy} (the paper's rule)")
     t0 = time.perf_counter()
-    _, summary = compress_files(base, tuned, out, RankRule("energy", energy))
+    _, summary = compress_files(base, tuned, out, rule)
     print(summary)
     print(f"   took {time.perf_counter() - t0:.1f} s")
     print("3. applying the delta back onto the base")

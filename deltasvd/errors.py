@@ -7,6 +7,7 @@ class DeltaError(Exception):
     def __init__(self, message, path=None, tensor=None):
         self.path = str(path) if path is not None else None
         self.tensor = tensor
+        self.message = message
         where = []
         if self.path:
             where.append(self.path)

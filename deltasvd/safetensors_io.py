@@ -8,7 +8,9 @@ write goes to a temporary file beside the target and is renamed into place only 
 
 import hashlib
 import json
+import math
 import os
+import stat
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -23,47 +25,124 @@ DTYPE_TO_ST = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+ITEMSIZE = {st: torch.empty((), dtype=dt).element_size() for st, dt in ST_TO_DTYPE.items()}
 HEADER_LIMIT = 100_000_000  # the limit safetensors itself enforces
 
 
-def read_header(path):
-    """Return (header dict without __metadata__, metadata dict, data offset). Validates framing."""
+def open_input(path):
+    """Open a file to read, refusing anything but a regular file (after following links): a
+    FIFO would block forever, a device would read without end. Returns a binary file object."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DeltaError("file not found", path)
-    if os.path.isdir(path):
-        raise DeltaError("is a folder, not a .safetensors file", path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise DeltaError("not a safetensors file (shorter than its 8-byte header length)", path)
-        (n,) = struct.unpack("<Q", head)
-        if n > HEADER_LIMIT or 8 + n > size:
-            raise DeltaError("not a safetensors file (header length is out of range; "
-                             "a pickle .ckpt or a truncated download?)", path)
-        raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DeltaError("not a safetensors file (its header is not JSON)", path) from None
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DeltaError("file not found", path) from None
+    except OSError as e:
+        raise DeltaError(f"cannot be read ({e.strerror})", path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DeltaError("is a folder, not a file", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise DeltaError("is not a regular file (a pipe, device or socket)", path)
+    try:   # O_NONBLOCK: should it have become a FIFO since the stat, opening does not hang
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise DeltaError(f"cannot be read ({e.strerror})", path) from None
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise DeltaError("is not a regular file (a pipe, device or socket)", path)
+    return f
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {sorted(k for k in keys if keys.count(k) > 1)[0]!r}")
+    return dict(pairs)
+
+
+def _parse_json(raw, path):
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else "not valid JSON"
+        if isinstance(e, ValueError) and str(e).startswith("duplicate key"):
+            why = str(e)
+        raise DeltaError(f"not a safetensors file (its header is {why})", path) from None
+
+
+def _is_count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entry(name, info, path):
+    """One tensor's entry, as strictly as the safetensors library checks it."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise DeltaError("malformed header entry (wants dtype, shape and data_offsets)",
+                         path, name)
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ST_TO_DTYPE:
+        raise DeltaError(f"unsupported dtype {str(dtype)[:40]!r}", path, name)
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise DeltaError("malformed header entry: shape is not a list of counts", path, name)
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets))
+            or offsets[0] > offsets[1]):
+        raise DeltaError("malformed header entry: data_offsets is not [begin, end]", path, name)
+    if offsets[1] - offsets[0] != math.prod(shape) * ITEMSIZE[dtype]:
+        raise DeltaError("malformed header: byte range does not match shape and dtype",
+                         path, name)
+
+
+def _check_layout(header, data_size, path):
+    """The tensors' byte ranges tile the data section exactly: no gap, no overlap, nothing
+    outside it (so no tensor reads another's bytes, or the header's)."""
+    at = 0
+    for name, info in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, end = info["data_offsets"]
+        if begin != at:
+            why = "overlaps another tensor" if begin < at else "leaves a gap before it"
+            raise DeltaError(f"malformed header: the tensor's byte range {why}", path, name)
+        at = end
+    if at != data_size:
+        if at > data_size:
+            raise DeltaError(f"truncated: the header promises {at} bytes of tensor data, the "
+                             f"file has {data_size} (an interrupted download?)", path)
+        raise DeltaError(f"malformed: {data_size - at} bytes after the last tensor", path)
+
+
+def _parse_header(f, path):
+    """(header, metadata, data offset) of an open file, every part validated."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise DeltaError("not a safetensors file (shorter than its 8-byte header length)", path)
+    (n,) = struct.unpack("<Q", head)
+    if n > HEADER_LIMIT or 8 + n > size:
+        raise DeltaError("not a safetensors file (header length is out of range; "
+                         "a pickle .ckpt or a truncated download?)", path)
+    header = _parse_json(f.read(n), path)
     if not isinstance(header, dict):
         raise DeltaError("not a safetensors file (its header is not a JSON object)", path)
-    metadata = header.pop("__metadata__", None) or {}
-    end = 0
-    for name, info in header.items():
-        try:
-            begin, stop = info["data_offsets"]
-            info["dtype"], info["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise DeltaError("malformed header entry", path, name) from None
-        end = max(end, stop)
-    if 8 + n + end > size:
-        raise DeltaError(f"truncated: the header promises {8 + n + end} bytes, the file has {size}",
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise DeltaError("malformed header: __metadata__ is not a map of strings to strings",
                          path)
+    for name, info in header.items():
+        _check_entry(name, info, path)
+    _check_layout(header, size - 8 - n, path)
     return header, metadata, 8 + n
+
+
+def read_header(path):
+    """Return (header dict without __metadata__, metadata dict, data offset), validated."""
+    with open_input(path) as f:
+        return _parse_header(f, os.fspath(path))
 
 
 class SafeTensorsFile:
@@ -74,21 +153,12 @@ class SafeTensorsFile:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self.header, self.metadata, self.data_offset = read_header(self.path)
-        for key in self.header:
-            self._check_entry(key)
-        self._f = open(self.path, "rb")
-
-    def _check_entry(self, key):
-        info = self.header[key]
-        dtype = self.dtype(key)
-        numel = 1
-        for d in info["shape"]:
-            numel *= int(d)
-        begin, end = info["data_offsets"]
-        if end - begin != numel * torch.empty((), dtype=dtype).element_size():
-            raise DeltaError("malformed header: byte range does not match shape and dtype",
-                             self.path, key)
+        self._f = open_input(self.path)
+        try:
+            self.header, self.metadata, self.data_offset = _parse_header(self._f, self.path)
+        except BaseException:
+            self.close()
+            raise
 
     def keys(self):
         return list(self.header.keys())
@@ -97,10 +167,7 @@ class SafeTensorsFile:
         return tuple(self.header[key]["shape"])
 
     def dtype(self, key):
-        st = self.header[key]["dtype"]
-        if st not in ST_TO_DTYPE:
-            raise DeltaError(f"unsupported dtype {st}", self.path, key)
-        return ST_TO_DTYPE[st]
+        return ST_TO_DTYPE[self.header[key]["dtype"]]
 
     def nbytes(self, key):
         begin, end = self.header[key]["data_offsets"]
@@ -109,7 +176,11 @@ class SafeTensorsFile:
     def get(self, key):
         begin, end = self.header[key]["data_offsets"]
         # torch.empty, not bytearray: no zero-fill pass over memory the read overwrites anyway.
-        raw = torch.empty(end - begin, dtype=torch.uint8)
+        try:
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+        except (RuntimeError, MemoryError):
+            raise DeltaError(f"not enough memory to read this tensor ({(end - begin) / 2**30:.1f} "
+                             "GiB)", self.path, key) from None
         try:
             n = os.preadv(self._f.fileno(), [raw.numpy()], self.data_offset + begin) \
                 if len(raw) else 0
@@ -185,6 +256,10 @@ def check_output_path(path, overwrite=False, inputs=()):
             raise DeltaError("output is one of the inputs; refusing to overwrite an input", path)
     if os.path.isdir(path):
         raise DeltaError("output is a folder", path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        # even with --overwrite: replacing /dev/null with a file, run as root, breaks a system
+        raise DeltaError("output exists and is not a regular file (a device, pipe or socket); "
+                         "refusing to replace it", path)
     if os.path.exists(path) and not overwrite:
         raise DeltaError("output exists (pass --overwrite to replace it)", path)
     folder = os.path.dirname(path)
@@ -199,11 +274,13 @@ def check_output_path(path, overwrite=False, inputs=()):
 
 @contextmanager
 def atomic_output(path, overwrite=False, inputs=()):
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; publish it there only if the block succeeds.
+    Without `overwrite` the publishing fails, rather than replaces, when another process
+    created `path` meanwhile."""
     path = check_output_path(path, overwrite, inputs)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
-                                   dir=os.path.dirname(path))
+    try:   # a short prefix: a 255-character name must leave room for the temporary one
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path)[:200] + ".",
+                                   suffix=".part", dir=os.path.dirname(path))
     except OSError as e:
         raise DeltaError(f"cannot write here ({e.strerror})", path) from None
     os.close(fd)
@@ -212,11 +289,30 @@ def atomic_output(path, overwrite=False, inputs=()):
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _publish(tmp, path, overwrite):
+    if overwrite:
+        check_output_path(path, overwrite)   # still not a device: it may have become one
+        os.replace(tmp, path)
+        return
+    try:    # a hard link never replaces: the name is taken atomically, or not at all
+        os.link(tmp, path)
+    except FileExistsError:
+        raise DeltaError("output appeared while working (another run?); it was left as it "
+                         "is (pass --overwrite to replace it)", path) from None
+    except OSError:            # a file system without hard links: check, then rename
+        if os.path.lexists(path):
+            raise DeltaError("output appeared while working (another run?); it was left as "
+                             "it is (pass --overwrite to replace it)", path) from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
 
 
 class StreamingWriter:

@@ -109,7 +109,8 @@ def gram_spectrum(m, keep_vectors=True):
     dl = GRAM_SAFETY * float(np.finfo(np.float64).eps) * min(fro2, lam_max * math.sqrt(n))
     s = np.sqrt(np.clip(lam, 0.0, None))
     # |sqrt(a) - sqrt(b)| <= min(sqrt(|a - b|), |a - b| / sqrt(a)).
-    err = np.minimum(math.sqrt(dl), dl / np.maximum(s, 1e-300))
+    with np.errstate(over="ignore"):     # dl / tiny s is inf: the min takes sqrt(dl) then
+        err = np.minimum(math.sqrt(dl), dl / np.maximum(s, 1e-300))
     return Decomposition(s=s, err=err, precision="gram64", tall=d >= k, fro2=fro2,
                          gram=g if keep_vectors else None, tri=tri if keep_vectors else None,
                          lam=lam, dl=dl)
