@@ -386,6 +386,10 @@ class Compressor:
 
     def run(self, base_path, tuned_path, allow_pickle=False):
         """Two checkpoint files -> (delta, counts, tuned file bytes), with fingerprints."""
+        if os.path.exists(base_path) and os.path.exists(tuned_path) \
+                and os.path.samefile(base_path, tuned_path):
+            raise DeltaError("the base and the fine-tune are the same file: there is no delta "
+                             "to store", tuned_path)
         base, tuned = open_pair(base_path, tuned_path, allow_pickle)
         try:    # before hashing gigabytes, not after
             _check_memory(tuned, [k for k in tuned.keys() if k in base.key_map])
@@ -413,6 +417,8 @@ class Compressor:
                     counts = Counts()  # pass 2 counts again
                 records, tensors, extras, spectra = self._code_all(base, tuned, keys, counts,
                                                                    fixed_ranks)
+                if not counts.changed:
+                    raise DeltaError(_nothing_changed(counts), getattr(tuned, "path", None))
                 if families.family(base.family).a1111:
                     _complete_modules(records, tensors, _module_index(base), self.dtype)
         finally:
@@ -562,6 +568,14 @@ class Compressor:
         return code_matrix(piece, rule, self.dtype, self.device, self.codec.factor_bits)
 
 
+def _nothing_changed(counts):
+    why = ("every tensor equals the base's" if not counts.rounded else
+           "every tensor equals the base's once the base is rounded to the tuned file's "
+           "precision (the tuned file is a cast copy of the base)")
+    return (f"nothing changed: {why}, so there is no delta to store. Were the same model "
+            "given twice?")
+
+
 @contextmanager
 def _exact_cuda_math(device):
     """TF32 would round the Gram products to 10 mantissa bits: off while we compute (so CUDA
@@ -683,8 +697,8 @@ def trim_to_size(delta, limit_bytes, file_size_fn):
             break
     size = file_size_fn(delta)
     if size > limit_bytes:
-        raise DeltaError(f"cannot fit the delta into {limit_bytes / 2**20:.3f} MB (its smallest "
-                         f"form is {size / 2**20:.3f} MB)")
+        raise DeltaError(f"cannot fit the delta into {limit_bytes / 2**20:.3f} MiB (its smallest "
+                         f"form is {size / 2**20:.3f} MiB)")
     return size
 
 

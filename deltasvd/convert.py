@@ -38,6 +38,10 @@ def to_lora(delta, rule, dtype="fp16", device="cpu", progress=None, where=None):
                 parts, s = code_matrix(Piece(new, data), rule, dt, device)
             except LapackError as e:
                 raise DeltaError(f"cannot be factored ({e})", where, rec.name) from None
+            except DeltaError as e:        # code_matrix's refusals name the key, not the file
+                if e.path is not None:
+                    raise
+                raise DeltaError(e.message, where, rec.name) from None
             new.err2 += rec.err2
             new.norm2 = rec.norm2
             if s is not None:

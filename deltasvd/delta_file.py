@@ -270,9 +270,9 @@ def write_delta(path, delta, host_metadata_fn, overwrite=False, inputs=()):
     meta = encode_metadata(delta)
     header = sum(len(k) + len(v) for k, v in meta.items())
     if header > HEADER_LIMIT - (1 << 20):
-        raise DeltaError(f"the metadata would take {header / 1e6:.0f} MB of the header, over "
-                         f"safetensors' {HEADER_LIMIT / 1e6:.0f} MB limit (the extras blob: "
-                         f"{len(meta.get('deltasvd.extras', '')) / 1e6:.0f} MB); use a smaller "
+        raise DeltaError(f"the metadata would take {header / 2**20:.0f} MiB of the header, over "
+                         f"safetensors' {HEADER_LIMIT / 2**20:.0f} MiB limit (the extras blob: "
+                         f"{len(meta.get('deltasvd.extras', '')) / 2**20:.0f} MiB); use a smaller "
                          "threshold (or a coded file, whose extras are tensors)", path)
 
     def metadata(data_hash):

@@ -40,10 +40,10 @@ def rel_error(err2, norm2):
 
 
 def format_table(rows, total_bytes=None, reference_bytes=None):
-    """Plain-text table: group, layers, rank min/median/max, dense, MB, relative error."""
+    """Plain-text table: group, pieces, rank min/median/max, dense, MiB, relative error."""
     w = max([16] + [len(r["group"]) + 1 for r in rows])   # DiT block names run long
-    head = f"{'group':<{w}}{'layers':>7}{'rank min':>9}{'median':>8}{'max':>6}{'dense':>6}" \
-           f"{'MB':>9}{'rel.err':>9}"
+    head = f"{'group':<{w}}{'pieces':>7}{'rank min':>9}{'median':>8}{'max':>6}{'dense':>6}" \
+           f"{'MiB':>9}{'rel.err':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ranks = r["ranks"]
@@ -61,5 +61,5 @@ def format_table(rows, total_bytes=None, reference_bytes=None):
     lines.append(total)
     if reference_bytes:
         lines.append(f"compression ratio {reference_bytes / max(size, 1):.1f}x against "
-                     f"{reference_bytes / 2**20:.1f} MB of tuned weights")
+                     f"{reference_bytes / 2**20:.1f} MiB of tuned weights")
     return "\n".join(lines)

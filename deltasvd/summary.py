@@ -3,7 +3,7 @@
 import numpy as np
 
 from . import families
-from .delta_file import FACTORED_KINDS, tensor_names
+from .delta_file import FACTORED_KINDS, is_coded, tensor_names
 from .groups import format_table, group_rows
 
 
@@ -39,6 +39,9 @@ def compress_summary(delta, counts, file_bytes, tuned_bytes):
     lines = [group_table(delta, file_bytes, tuned_bytes), _bits_line(delta, file_bytes), ""]
     lines.append(f"tensors: {counts.changed} changed, {counts.identical} identical (skipped), "
                  f"{counts.ignored_ema} EMA and {counts.ignored_nonfloat} non-float ignored")
+    lines.append(f"pieces:  {pieces_line(delta.records)}")
+    if is_coded(delta):
+        lines.append(NOT_A_LORA)
     if counts.rounded:
         lines.append(f"dtype-aware delta: the base was rounded to the tuned file's precision "
                      f"for {counts.rounded} tensors before subtracting (storage rounding is "
@@ -98,21 +101,35 @@ def _codec_line(info):
     return line + str(info.get("dtype"))
 
 
+NOT_A_LORA = ("note: this file is not a LoRA; LoRA loaders ignore it. Use it with `deltasvd "
+              "apply`, the Delta-SVD Apply node, or make a LoRA-format copy with `deltasvd "
+              "convert`")
+
+
+def pieces_line(records):
+    """The stored pieces (records; PIECES in the README), by kind, adding up to their total."""
+    kinds = [("factored", lambda r: r.kind in FACTORED_KINDS and r.n),
+             ("zero fills", lambda r: r.kind == "svd" and not r.n),
+             ("DCT-coded", lambda r: r.kind == "dct"),
+             ("dense", lambda r: r.kind == "dense"),
+             ("exact 1-D", lambda r: r.kind == "exact")]
+    parts = [f"{sum(map(test, records))} {name}" for name, test in kinds
+             if name in ("factored", "dense", "exact 1-D") or any(map(test, records))]
+    extras = sum(r.extra for r in records)
+    return (f"{len(records)} stored: " + ", ".join(parts)
+            + (f" ({extras} of them in the extras)" if extras else ""))
+
+
 def inspect_text(delta, file_bytes):
     info = delta.info
-    svd = [r for r in delta.records if r.kind in FACTORED_KINDS and r.n]
-    dct = sum(r.kind == "dct" for r in delta.records)
     params = sum(t.numel() for t in delta.tensors.values())
     lines = [
-        f"file      {info.get('file')}  ({file_bytes / 2**20:.2f} MB, {params:,} stored values)",
+        f"file      {info.get('file')}  ({file_bytes / 2**20:.2f} MiB, {params:,} stored values)",
         f"family    {_family_line(delta.family)}",
         f"codec     {_codec_line(info)}",
         f"base      {info.get('base_name')}  sha256 {info.get('base_sha256', '')[:16]}…",
         f"tuned     {info.get('tuned_name')}  sha256 {info.get('tuned_sha256', '')[:16]}…",
-        f"layers    {len(svd)} factored, " + (f"{dct} DCT-coded, " if dct else "") +
-        f"{sum(r.kind == 'dense' for r in delta.records)} dense, "
-        f"{sum(r.kind == 'exact' for r in delta.records)} exact 1-D, "
-        f"{sum(r.extra for r in delta.records)} in extras",
+        f"pieces    {pieces_line(delta.records)}",
     ]
     lines.append(f"size      {_bits_line(delta, file_bytes)}")
     if "resized_from" in info:

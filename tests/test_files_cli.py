@@ -102,15 +102,26 @@ def test_metadata_and_own_hash(tiny_pair, tmp_path):
         assert float(t.get(name + ".alpha")) == rank
 
 
-def test_dtype_aware_delta_ignores_storage_rounding(tmp_path):
-    """An fp16 copy of an fp32 base is no fine-tune: every tensor is identical after rounding."""
+def test_dtype_aware_delta_ignores_storage_rounding(tmp_path, capsys):
+    """An fp16 copy of an fp32 base is no fine-tune: every tensor is identical after rounding,
+    and the empty delta is refused, not written."""
     base = tiny_state()
     b = save(tmp_path / "b.safetensors", base)
     t = save(tmp_path / "t.safetensors", {k: v.half() for k, v in base.items()})
     out = tmp_path / "d.safetensors"
-    assert run("compress", b, t, "-o", out, "--energy", "0.5") == 0
-    delta = read_delta(out)
-    assert delta.records == [] and delta.tensors == {}
+    assert run("compress", b, t, "-o", out, "--energy", "0.5") == 1
+    assert "nothing changed" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_same_file_twice_is_refused(tiny_pair, tmp_path, capsys):
+    base, _ = tiny_pair
+    out = tmp_path / "d.safetensors"
+    assert run("compress", base, base, "-o", out, "--energy", "0.5") == 1
+    assert "same file" in capsys.readouterr().err and not out.exists()
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(open(base, "rb").read())
+    assert run("compress", base, copy, "-o", out, "--energy", "0.5") == 1
+    assert "nothing changed" in capsys.readouterr().err and not out.exists()
 
 
 def test_dtype_aware_delta_keeps_the_fine_tune(tmp_path, capsys):

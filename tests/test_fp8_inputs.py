@@ -168,14 +168,17 @@ def test_fp8_fine_tune_gives_the_reference_delta(tmp_path, writer):
 
 @pytest.mark.parametrize("writer", [legacy_file, comfy_quant_file, plain_fp8_file],
                          ids=["legacy", "comfy_quant", "plain"])
-def test_base_merely_cast_to_fp8_is_an_empty_delta(tmp_path, writer):
+def test_base_merely_cast_to_fp8_is_refused_as_unchanged(tmp_path, writer):
+    """A cast copy is no fine-tune: after the dtype-aware rounding nothing is left, and an
+    empty delta is refused rather than written."""
     base = base_state()
     base_path = str(tmp_path / "base.safetensors")
     write_tensors(base_path, {k: v.float() for k, v in base.items()})   # fp32 base
     tuned_path = writer(tmp_path / "tuned.safetensors", {k: v.float() for k, v in base.items()})
-    delta, summary, _ = compress(tmp_path, base_path, tuned_path)
-    assert delta.records == []
-    assert "(-100.0%)" in summary
+    with pytest.raises(DeltaError, match="nothing changed.*cast copy") as e:
+        compress(tmp_path, base_path, tuned_path)
+    assert "tuned.safetensors" in str(e.value)
+    assert not (tmp_path / "d.safetensors").exists()
 
 
 def test_scaled_fp8_base_warns(tmp_path):

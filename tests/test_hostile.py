@@ -139,6 +139,23 @@ def test_a_delta_without_base_fingerprint_warns_when_applied(made, capsys):
     assert rc == 0 and "no fingerprint of its base" in err and "loose.safetensors" in err
 
 
+def test_a_qsvd_file_decoding_to_absurd_values_is_refused_by_convert(made, capsys):
+    """Finite but huge quantiser steps: the decoded change is no fine-tune; convert says so,
+    naming the file and module, instead of reaching LAPACK or writing Inf."""
+    bad = str(made["dir"] / "huge.safetensors")
+
+    def huge(header, data):
+        for name in [k for k in header if k.endswith(("up_scales", "down_scales"))]:
+            t = get_tensor(header, data, name)
+            data = set_tensor(header, data, name, torch.full_like(t, 60000.0))
+        return data
+
+    rewrite(made["qsvd"], bad, edit_data=huge)
+    out = made["dir"] / "c.safetensors"
+    expect_refused(capsys, ("convert", bad, "-o", out, "--energy", "0.5"), out,
+                   "huge.safetensors", "tensor 'lora_", "singular value")
+
+
 # 2. Delta records are checked against their tensors and spectra
 
 def _edit_first_svd(edit):
@@ -432,6 +449,15 @@ def test_demo_dir_naming_a_file(tmp_path, capsys):
     f.write_bytes(b"keep me")
     expect_refused(capsys, ("demo", "--dir", f), None, "a_file", "not a folder")
     assert f.read_bytes() == b"keep me"
+
+
+def test_an_output_linked_to_an_input_is_refused(made, capsys):
+    link = made["dir"] / "link.safetensors"
+    os.symlink(made["tuned"], link)
+    check = untouched(made["tuned"])
+    expect_refused(capsys, ("compress", made["base"], made["tuned"], "-o", link, "--energy",
+                            "0.5", "--overwrite"), None, "one of the inputs")
+    check()
 
 
 def test_inputs_are_never_changed(made, capsys):
