@@ -35,10 +35,11 @@ import numpy as np
 import torch
 
 from . import bitpack
+from .limits import DCT_MAX_BITS
 from .quant import GAUSS_STEP   # Max's Gaussian-optimal uniform steps, per bit-width
 
 PATCH = 16
-MAX_BITS = 8
+MAX_BITS = DCT_MAX_BITS
 BITS_FIELD = 4            # width of each patch's bit-width field in `dct_bits`
 SCALE_BITS = 16           # bfloat16 sigma per patch
 SCALE_DTYPE = torch.bfloat16

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from . import bitpack
+from .limits import FACTOR_MAX_BITS
 
 MIN_BITS = 2
-MAX_BITS = 8
+MAX_BITS = FACTOR_MAX_BITS
 SPREAD = 4      # the tail gets at most this many bits fewer than the leading components
 
 

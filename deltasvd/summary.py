@@ -113,7 +113,7 @@ def pieces_line(records):
              ("DCT-coded", lambda r: r.kind == "dct"),
              ("dense", lambda r: r.kind == "dense"),
              ("exact 1-D", lambda r: r.kind == "exact")]
-    parts = [f"{sum(map(test, records))} {name}" for name, test in kinds
+    parts = [f"{sum(bool(test(r)) for r in records)} {name}" for name, test in kinds
              if name in ("factored", "dense", "exact 1-D") or any(map(test, records))]
     extras = sum(r.extra for r in records)
     return (f"{len(records)} stored: " + ", ".join(parts)

@@ -256,8 +256,9 @@ def test_refusals(pair, tmp_path, capsys):
                    tmp_path, capsys, coded, "coded (dct)", "convert")
     expect_failure(("convert", svd, "-o", tmp_path / "c.safetensors", "--energy", "0.5"),
                    tmp_path, capsys, svd, "already a LoRA-format delta")
+    # convert offers no --size-mb (its help says: convert, then resize --size-mb)
     expect_failure(("convert", coded, "-o", tmp_path / "c.safetensors", "--size-mb", "1"),
-                   tmp_path, capsys, coded, "resize --size-mb")
+                   tmp_path, capsys, "--energy --fro --rank", code=2)
     expect_failure(("convert", coded, "-o", coded, "--energy", "0.5"), tmp_path, capsys)
     assert coded.read_bytes() == original                      # never overwrites its input
     for args in (("--codec", "dct"), ("--codec", "dct", "--bits", "1", "--energy", "0.5"),

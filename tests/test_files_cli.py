@@ -378,11 +378,40 @@ def test_usage_errors_exit_2(args):
     assert e.value.code == 2
 
 
-def test_bad_rule_value_exits_2(tiny_pair, tmp_path):
+def test_bad_rule_value_exits_2_with_the_subcommand_usage(tiny_pair, tmp_path, capsys):
+    """Checked with the options, before torch is imported: exit 2 and `compress`'s usage."""
     base, tuned = tiny_pair
-    assert run("compress", base, tuned, "-o", tmp_path / "o.safetensors", "--energy",
-               "1.5") == 2
+    with pytest.raises(SystemExit) as e:
+        run("compress", base, tuned, "-o", tmp_path / "o.safetensors", "--energy", "1.5")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: deltasvd compress") and "--energy must be in (0, 1]" in err
     assert files_in(tmp_path) == ["base.safetensors", "tuned.safetensors"]
+
+
+def test_a_usage_error_comes_before_torch_is_imported(tmp_path):
+    code = ("import sys; from deltasvd.cli import main\n"
+            "try:\n    main(['compress', 'a', 'b', '-o', 'c', '--energy', '7'])\n"
+            "except SystemExit as e:\n    assert e.code == 2\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True)
+
+
+def test_help_describes_every_argument():
+    from deltasvd.cli_parser import build_parser
+    for name, sub in build_parser().subcommands.items():
+        for action in sub._actions:
+            assert action.help, (name, action.dest)
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(tiny_pair, tmp_path):
+    base, tuned = tiny_pair
+    out = tmp_path / "d.safetensors"
+    assert run("compress", base, tuned, "-o", out, "--energy", "0.5") == 0
+    proc = subprocess.run(f"{sys.executable} -m deltasvd inspect {out} | head -1", shell=True,
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "Error" not in proc.stderr, proc.stderr
+    assert proc.stdout.startswith("file")
 
 
 def test_unet_only_file_pairs_with_a_full_checkpoint(tiny_pair, tmp_path, capsys):
