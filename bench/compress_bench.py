@@ -136,7 +136,7 @@ def _rss_mb(pid):
 
 
 def run_child(cmd, log_path, limit_mb, timeout_s):
-    """Run cmd; returns (rc, wall s, peak RSS MB from wait4, why killed or '').
+    """Run cmd; returns (rc, wall s, peak RSS MiB from wait4, why killed or '').
 
     A watchdog kills the child (and its group) if its resident set passes limit_mb (the machine
     is shared: better a missing row than the OOM killer) or it runs past timeout_s."""
@@ -151,8 +151,8 @@ def run_child(cmd, log_path, limit_mb, timeout_s):
                 break
             rss = _rss_mb(proc.pid)
             if limit_mb and rss > limit_mb and not killed:
-                killed = (f"killed: RSS {rss / 1024:.1f} GB passed the "
-                          f"{limit_mb / 1024:.1f} GB limit")
+                killed = (f"killed: RSS {rss / 1024:.1f} GiB passed the "
+                          f"{limit_mb / 1024:.1f} GiB limit")
             elif timeout_s and time.perf_counter() - t0 > timeout_s and not killed:
                 killed = f"killed: ran past {timeout_s:.0f} s"
             if killed:
@@ -231,12 +231,12 @@ def run_tool(tool, base, tuned, out_dir, family, scale, args):
         Path(out).unlink(missing_ok=True)
         limit = args.mem_limit_gb * 1024 if args.mem_limit_gb else default_limit_mb()
         log = out_dir / f"{tool}{'_' + part if part else ''}.log"
-        lim = f" [RSS limit {limit / 1024:.1f} GB]" if limit else ""
+        lim = f" [RSS limit {limit / 1024:.1f} GiB]" if limit else ""
         print(f"  {tool}{' (' + part + ')' if part else ''}: {' '.join(cmd[1:4])} ...{lim}",
               flush=True)
         warm_page_cache((base, tuned))
         rc, wall, rss, killed = run_child(cmd, log, limit, args.timeout)
-        print(f"    rc {rc}, {wall:.1f} s, peak RSS {rss:.0f} MB {killed}", flush=True)
+        print(f"    rc {rc}, {wall:.1f} s, peak RSS {rss:.0f} MiB {killed}", flush=True)
         run.parts.append((part, round(wall, 2), round(rss)))
         run.wall_s += wall
         run.peak_rss_mb = max(run.peak_rss_mb, rss)
@@ -249,7 +249,7 @@ def run_tool(tool, base, tuned, out_dir, family, scale, args):
         run.outputs.append(out)
     run.rc = 0
     if len(run.parts) > 1:
-        run.note = "; ".join(f"{p}: {w:.1f} s, {r:.0f} MB" for p, w, r in run.parts)
+        run.note = "; ".join(f"{p}: {w:.1f} s, {r:.0f} MiB" for p, w, r in run.parts)
     return run
 
 
@@ -762,7 +762,7 @@ def format_main(runs, ev, n_layers, family, scale, thr):
     by = {r.tool: r for r in runs}
     lines = [f"{family} {scale} pair: {n_layers} changed UNet + text-encoder matrix layers; "
              f"{os.cpu_count()} cores, torch {torch.__version__}", "",
-             "| tool | wall s | peak RSS MB | output MB | mean rel. error | ranks = float64 rule "
+             "| tool | wall s | peak RSS MiB | output MiB | mean rel. error | ranks = float64 rule "
              "| time / ours | layers stored | notes |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     notes = []
@@ -861,7 +861,7 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()[0]
     print(f"load average {load0:.2f}, MemAvailable "
-          f"{(mem_available_mb() or 0) / 1024:.1f} GB", flush=True)
+          f"{(mem_available_mb() or 0) / 1024:.1f} GiB", flush=True)
     base, tuned = ensure_pair(args.data, args.family, args.scale)
     if args.eval_only:   # measure the files of the last run again (its times and RSS kept)
         old = json.loads((out_dir / "results.json").read_text())["runs"]

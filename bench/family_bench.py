@@ -134,14 +134,14 @@ def run(label, cmd, out, log, timeout):
     r = Run(label, label)
     Path(out).unlink(missing_ok=True)
     limit = default_limit_mb()
-    print(f"  {label} [RSS limit {(limit or 0) / 1024:.1f} GB] ...", flush=True)
+    print(f"  {label} [RSS limit {(limit or 0) / 1024:.1f} GiB] ...", flush=True)
     rc, wall, rss, killed = run_child(cmd, log, limit, timeout)
     r.rc, r.wall_s, r.peak_rss_mb = rc, wall, rss
     if rc == 0 and not killed and os.path.isfile(out):
         r.out_mb = os.path.getsize(out) / 2**20
     else:
         r.note = killed or f"failed (rc {rc}): {tail(log, 3).strip()}"
-    print(f"    rc {rc}, {wall:.1f} s, peak RSS {rss:.0f} MB {r.note}", flush=True)
+    print(f"    rc {rc}, {wall:.1f} s, peak RSS {rss:.0f} MiB {r.note}", flush=True)
     return r
 
 
@@ -178,7 +178,7 @@ def main(argv=None):
             runs.append(run(f"ComfyUI ModelMergeSubtract + LoraSave rank {PEER_RANK}", cmd,
                             out, out_dir / "comfy.log", args.timeout))
     lines = [f"{args.family} full pair ({args.format}), {os.cpu_count()} cores", "",
-             "| tool | wall s | peak RSS MB | file MB | note |", "|---|---|---|---|---|"]
+             "| tool | wall s | peak RSS MiB | file MiB | note |", "|---|---|---|---|---|"]
     for r in runs:
         fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r.label} | {fmt(r.wall_s, '.1f')} | {fmt(r.peak_rss_mb, '.0f')} | "

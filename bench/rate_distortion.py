@@ -9,7 +9,7 @@ functions (spectrum.gram_spectrum + factors, quant.encode_factors, dct_codec.enc
 RankRule, allocate_budget, trim_to_size):
 
 * svd energy T     the paper's rule (fp16 factors, LoRA-loadable)
-* svd size M MB    ranks allocated over all layers for a file of M MiB, fitted exactly
+* svd size M MiB   ranks allocated over all layers for a file of M MiB, fitted exactly
 * svd int8 / int4  --factor-bits 8 / 4 at an energy threshold
 * dct B bits       --codec dct --bits B
 * bitdelta         1 bit per value: sign(dW) times one float16 scale per matrix (mean |dW|),
@@ -300,7 +300,7 @@ def run(base_path, tuned_path, samples, log):
             dct1_header = size - data
     # SVD by size budget: the library's allocation on the same spectra, then fitted exactly
     for mb in SIZE_MB:
-        st = Setting("SVD fp16, size budget", f"svd size {mb} MB",
+        st = Setting("SVD fp16, size budget", f"svd size {mb} MiB",
                      {"codec": "svd", "mode": "size_mb", "value": str(mb)})
         fixed = file_size(Setting("", "", {"codec": "svd"}).delta(family), lambda h: {})
         n_vals = sum(len(ly.s) for ly in layers)
@@ -353,7 +353,7 @@ def row(curve, label, size, err2, outs, totals, encode_s):
 def table(rows, meta):
     lines = [f"{meta['family']}: {meta['changed_tensors']} changed tensors, "
              f"{meta['params']:,} changed values, {meta['layers']} matrix layers", "",
-             "| codec | setting | MB | bits/param | rel. Frobenius error | layer output error, "
+             "| codec | setting | MiB | bits/param | rel. Frobenius error | layer output error, "
              "mean | max |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["curve"], r["bytes"])):
         lines.append(f"| {r['curve']} | {r['setting']} | {r['mb']:.1f} | {r['bpp']:.3f} | "
@@ -374,7 +374,7 @@ def plot(rows, path):
             xs, ys = zip(*pts)
             ax.plot(xs, ys, "o-" if len(xs) > 1 else "*", label=c, ms=5 if len(xs) > 1 else 12)
         ax.set_xscale("log")
-        ax.set_xlabel("file size (MB)")
+        ax.set_xlabel("file size (MiB)")
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.grid(True, which="both", alpha=0.3)
