@@ -5,13 +5,21 @@ import os
 import signal
 import sys
 
-from .cli_parser import EXIT_FAIL, EXIT_OK, EXIT_USAGE, build_parser, rule_of, usage_problem
 from .errors import DeltaError, UsageError
+
+# cli_parser.py's codes, repeated here: this module must import without numpy or torch, so that
+# a missing package is one line, not a traceback.
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 # Packages a command may miss, and what to install: one line, never a traceback.
 PACKAGES = {"torch": "torch (see README, Quick start: the CPU or CUDA build)",
             "numpy": "numpy", "safetensors": "safetensors", "tqdm": "tqdm",
             "gradio": "'gradio>=3.41'"}
+
+
+def _rule(args):
+    from .cli_parser import rule_of
+    return rule_of(args)
 
 
 def _progress_bar():
@@ -55,7 +63,7 @@ def _device(name):
 def cmd_compress(args):
     from .api import compress_files
     from .compress import Codec
-    rule, codec = rule_of(args), Codec(args.codec, args.bits, args.factor_bits)
+    rule, codec = _rule(args), Codec(args.codec, args.bits, args.factor_bits)
     progress, close = _progress_bar()
     try:
         _, summary = compress_files(args.base, args.tuned, args.output, rule, args.dtype,
@@ -93,7 +101,7 @@ def cmd_apply(args):
 def cmd_resize(args):
     from .api import resize_file
     from .summary import inspect_text
-    delta, size = resize_file(args.delta, args.output, rule_of(args), args.overwrite,
+    delta, size = resize_file(args.delta, args.output, _rule(args), args.overwrite,
                               verify=not args.no_verify)
     print(inspect_text(delta, size))
     print(f"\nwrote {args.output}")
@@ -104,7 +112,7 @@ def cmd_convert(args):
     from .summary import inspect_text
     progress, close = _progress_bar()
     try:
-        delta, size = convert_file(args.delta, args.output, rule_of(args), args.dtype,
+        delta, size = convert_file(args.delta, args.output, _rule(args), args.dtype,
                                    _device(args.device), args.overwrite, progress,
                                    verify=not args.no_verify)
     finally:
@@ -147,6 +155,19 @@ def _large_pages():
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as e:
+        name = (e.name or "").split(".")[0]
+        if name not in PACKAGES:
+            raise
+        print(f"deltasvd: this needs the package {name}: pip install {PACKAGES[name]}",
+              file=sys.stderr)
+        return EXIT_FAIL
+
+
+def _main(argv):
+    from .cli_parser import build_parser, usage_problem
     _large_pages()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -171,12 +192,6 @@ def main(argv=None):
         # stdout at nothing so that the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except ModuleNotFoundError as e:
-        if e.name not in PACKAGES:
-            raise
-        print(f"deltasvd: this needs the package {e.name}: pip install {PACKAGES[e.name]}",
-              file=sys.stderr)
-        return EXIT_FAIL
     finally:
         _restore(previous)
     return EXIT_OK

@@ -10,7 +10,7 @@ from .limits import DCT_MAX_BITS, FACTOR_MAX_BITS
 from .ranks import MODES, RankRule
 from .errors import UsageError
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_USAGE = 2
 NO_VERIFY = ("skip checking the delta's tensor data against the sha256 it records (one read "
              "of the file, for speed; its records and values are still checked)")
 DTYPES = ["fp16", "bf16", "fp32"]

@@ -454,3 +454,23 @@ def test_family_detection(tmp_path, ctx, label, family):
     if label:
         state["model.diffusion_model.label_emb.0.0.weight"] = torch.randn(8, 4)
     assert Checkpoint(save(tmp_path / "m.safetensors", state)).family == family
+
+
+@pytest.mark.parametrize("missing,words", [("numpy", "needs the package numpy"),
+                                           ("safetensors", "needs the package safetensors")])
+def test_a_missing_package_is_one_line(missing, words):
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            "from deltasvd.cli import main\nsys.exit(main(['inspect', 'x.safetensors']))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_without_tqdm_there_are_no_bars_and_one_line(tiny_pair, tmp_path):
+    out = tmp_path / "d.safetensors"
+    code = ("import sys; sys.modules['tqdm'] = None\nfrom deltasvd.cli import main\n"
+            f"sys.exit(main(['compress', {tiny_pair[0]!r}, {tiny_pair[1]!r}, '-o', {str(out)!r},"
+            " '--energy', '0.5']))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "deltasvd: no progress bars (pip install tqdm for them)"
+    assert out.exists()
