@@ -1,7 +1,7 @@
 """The threshold explorer's model (host-free; the Gradio page is ui.py).
 
 One analysis of a checkpoint pair (`api.analyse_pair`: every layer's float64 spectrum, factors
-at rank 1 only) is kept; any setting (energy, Frobenius, rank or size in MB) is then answered
+at rank 1 only) is kept; any setting (energy, Frobenius, rank or size in MiB) is then answered
 in milliseconds without touching the checkpoints: the ranks are picked by the same code and on
 the same float64 values as `compress` (resize.new_rank, ranks.allocate_budget), and the file is
 sized by the same code that sizes a real file (delta_file.file_size) on a *skeleton*: the
@@ -32,10 +32,12 @@ from .ranks import RankRule, is_dense
 from .resize import copy_delta, new_rank, resize_to_size
 from .summary import record_bytes
 
-MODES = {"energy": "energy", "Frobenius": "fro", "rank": "rank", "size (MB)": "size_mb"}
-LAYER_HEADERS = ["group", "layer", "shape", "kind", "rank", "of", "kept energy", "KB",
-                 "est. rel. error"]
-CURVE_POINTS = 25
+MODES = {"energy": "energy", "Frobenius": "fro", "rank": "rank", "size (MiB)": "size_mb"}
+LAYER_HEADERS = ["group", "layer", "shape", "kind", "rank", "of", "kept (sum s)", "KiB",
+                 "rel. error"]
+# The plot's thresholds: denser below 0.3, where the size changes little and users look.
+CURVE_GRID = np.unique(np.round(np.concatenate([np.linspace(0.02, 0.3, 8),
+                                                 np.linspace(0.35, 1.0, 14)]), 4))
 
 
 @dataclass
@@ -46,8 +48,13 @@ class Preview:
     file_bytes: int
     params: int              # stored values
     rel_error: float         # estimated (truncation only)
-    kept: float              # retained energy of the measure (sum of s, or of s^2)
+    kept: float              # kept energy, the paper's measure: sum(s[:t]) / sum(s)
     seconds: float           # how long answering took
+
+    @property
+    def kept_fro(self):
+        """Kept Frobenius energy (sum of s^2 over every changed piece): 1 - rel_error^2."""
+        return 1.0 - self.rel_error ** 2
 
 
 class Explorer:
@@ -138,15 +145,15 @@ class Explorer:
         skel.info.pop("resized_from", None)
         recs = skel.records
         params = sum(t.numel() for t in skel.tensors.values())
-        measure = "fro" if mode == "fro" else "energy"
         return Preview(rule, skel, size, params,
                        rel_error(sum(r.err2 for r in recs), sum(r.norm2 for r in recs)),
-                       self._kept(skel, measure), time.perf_counter() - start)
+                       self._kept(skel), time.perf_counter() - start)
 
-    def _kept(self, skel, measure):
+    def _kept(self, skel):
+        """sum(s[:t]) / sum(s) over every coded layer (the energy rule's measure)."""
         kept = total = 0.0
         for i in self.coded:
-            s = self.values[i] if measure == "energy" else self.values[i] ** 2
+            s = self.values[i]
             t = skel.records[i].rank if skel.records[i].kind == "svd" else s.size
             kept += float(np.sum(s[:t]))
             total += float(np.sum(s))
@@ -177,12 +184,12 @@ class Explorer:
         return sorted(rows, key=lambda r: r[col], reverse=sort != "name")
 
     def curve(self, measure):
-        """(thresholds, MB, kept Frobenius energy) for an energy / Frobenius rule: the plot."""
+        """(thresholds, MiB, kept Frobenius energy) for an energy / Frobenius rule: the plot."""
         if measure not in self._curves:
-            grid = np.linspace(0.04, 1.0, CURVE_POINTS)
-            points = [self.preview(measure, t) for t in grid]
-            self._curves[measure] = (grid, np.array([p.file_bytes / 2**20 for p in points]),
-                                     np.array([1.0 - p.rel_error ** 2 for p in points]))
+            points = [self.preview(measure, t) for t in CURVE_GRID]
+            self._curves[measure] = (CURVE_GRID,
+                                     np.array([p.file_bytes / 2**20 for p in points]),
+                                     np.array([p.kept_fro for p in points]))
         return self._curves[measure]
 
     def range_of(self, mode):

@@ -6,6 +6,7 @@ naming the file (and tensor) on bad input; the page shows that message."""
 import os
 import shutil
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +14,7 @@ from .api import compress_files, resize_file
 from .delta_file import read_delta
 from .errors import DeltaError
 from .explorer import Explorer
+from .safetensors_io import check_output_path
 from .summary import inspect_text
 
 @dataclass
@@ -77,20 +79,30 @@ def analyse(base, tuned, dtype, progress=None):
 
 
 def numbers(explorer, preview):
-    """The headline numbers of a preview, one per line (the page shows them as is)."""
-    mb = preview.file_bytes / 2**20
-    ratio = (f"{explorer.tuned_bytes / preview.file_bytes:.1f}x"
+    """The headline numbers of a preview, one per line, each saying what it is (the page shows
+    them as is, under NUMBERS_LABEL). Two kept energies: the energy rule's (sum of s) and the
+    Frobenius one (sum of s^2, what the plot's green curve shows)."""
+    ratio = (f"{explorer.tuned_bytes / preview.file_bytes:.1f}x  against the tuned file"
              if explorer.tuned_bytes else "-")
-    return (f"size            {mb:.2f} MB\n"
-            f"compression     {ratio}\n"
-            f"parameters      {preview.params:,}\n"
-            f"est. rel. error {preview.rel_error:.4f}\n"
-            f"kept energy     {preview.kept:.4f}\n"
-            f"answered in     {preview.seconds * 1000:.0f} ms")
+    return (f"size                  {preview.file_bytes / 2**20:.2f} MiB\n"
+            f"compression           {ratio}\n"
+            f"stored values         {preview.params:,}\n"
+            f"est. rel. error       {preview.rel_error:.4f}  truncation only\n"
+            f"kept energy, sum s    {preview.kept:.4f}  the energy rule's\n"
+            f"kept Frobenius, s^2   {preview.kept_fro:.4f}  the plot's green curve\n"
+            f"answered in           {preview.seconds * 1000:.0f} ms")
 
 
-def output_path(folder, name):
-    """`<folder>/<name>.safetensors`; refuses names that leave the folder."""
+NUMBERS_LABEL = ("this setting (kept energy, sum s: sum(s[:t]) / sum(s), the paper's rule; "
+                 "kept Frobenius, s^2: sum(s[:t]^2) / sum(s^2) = 1 - rel. error^2)")
+
+
+OVERWRITE_HINT = "tick \"overwrite\" to replace it, or give another name"
+
+
+def output_path(folder, name, overwrite=False, inputs=()):
+    """`<folder>/<name>.safetensors`; refuses names that leave the folder, an input, and an
+    existing file unless `overwrite` (the page's checkbox, not the CLI's --overwrite)."""
     name = (name or "").strip()
     if not name:
         raise DeltaError("give the delta a name")
@@ -102,7 +114,23 @@ def output_path(folder, name):
         raise DeltaError("LoRA folder does not exist", folder)
     path = os.path.join(folder, name + ".safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    check_output_path(path, True, inputs)   # an input, a folder, a device: refused anyway
+    if os.path.exists(path) and not overwrite:
+        raise DeltaError(f"a file of this name exists already: {OVERWRITE_HINT}", path)
     return path
+
+
+@contextmanager
+def page_words():
+    """The core's refusals say what the CLI offers (`--overwrite`); on the page it is the
+    checkbox (a file that appeared while the job ran is refused with that hint)."""
+    try:
+        yield
+    except DeltaError as e:
+        if "--overwrite" not in e.message:
+            raise
+        raise DeltaError(e.message.replace("pass --overwrite to replace it", OVERWRITE_HINT),
+                         e.path, e.tensor) from None
 
 
 def check_space(path, need_bytes):
@@ -110,18 +138,19 @@ def check_space(path, need_bytes):
     halfway; the atomic write leaves nothing, but minutes are lost)."""
     free = shutil.disk_usage(os.path.dirname(path)).free
     if free < need_bytes * 1.1 + (1 << 20):
-        raise DeltaError(f"not enough space: {free / 2**20:.1f} MB free, the delta needs about "
-                         f"{need_bytes / 2**20:.1f} MB", os.path.dirname(path))
+        raise DeltaError(f"not enough space: {free / 2**20:.1f} MiB free, the delta needs about "
+                         f"{need_bytes / 2**20:.1f} MiB", os.path.dirname(path))
 
 
-def save(base, tuned, preview, folder, name, dtype, progress=None):
+def save(base, tuned, preview, folder, name, dtype, progress=None, overwrite=False):
     """Compress the pair at the preview's setting into the LoRA folder (what `deltasvd
     compress` writes). Returns (path, summary text)."""
-    out = output_path(folder, name)
+    out = output_path(folder, name, overwrite, (base, tuned))
     check_space(out, preview.file_bytes)
     try:
-        delta, summary = compress_files(base, tuned, out, preview.rule, dtype,
-                                        progress=progress)
+        with page_words():
+            delta, summary = compress_files(base, tuned, out, preview.rule, dtype,
+                                            overwrite=overwrite, progress=progress)
     except OSError as e:  # e.g. the disk filled up meanwhile: the partial file is gone
         raise DeltaError(f"could not write the delta ({e.strerror or e})", out) from None
     return out, summary
@@ -134,9 +163,10 @@ def inspect(path):
             Explorer(delta).layer_rows(delta))
 
 
-def resize(src, folder, name, mode, value):
+def resize(src, folder, name, mode, value, overwrite=False):
     """Cut an existing delta to a smaller setting, beside it. Returns (path, text)."""
     from .ranks import RankRule
-    out = output_path(folder, name)
-    delta, size = resize_file(src, out, RankRule(mode, float(value)))
+    out = output_path(folder, name, overwrite, (src,))
+    with page_words():
+        delta, size = resize_file(src, out, RankRule(mode, float(value)), overwrite)
     return out, inspect_text(delta, size)

@@ -4,6 +4,7 @@ ranks, per-group bytes and (within the rounding) errors compress gives, in milli
 import os
 import statistics
 
+import numpy as np
 import pytest
 
 from deltasvd import api
@@ -65,9 +66,29 @@ def test_curve_and_ranges(explorer):
     grid, mb, kept = explorer.curve("energy")
     assert (mb[1:] >= mb[:-1] - 1e-9).all()      # more energy kept costs more bytes
     assert kept[-1] == pytest.approx(1.0, abs=1e-3)
+    assert (grid <= 0.3).sum() >= 8               # the small thresholds, where users look
     lo, hi, step = explorer.range_of("size_mb")
     assert 0 < lo < hi and step == 0.01
     assert explorer.range_of("rank")[1] == max(r.n for r in explorer.analysis.records)
+
+
+@pytest.mark.parametrize("mode,value", [("energy", 0.3), ("fro", 0.9), ("rank", 4),
+                                        ("size_mb", 2.0)])
+def test_two_kept_energies(explorer, mode, value):
+    """`kept` is the energy rule's sum(s[:t]) / sum(s) in every mode; `kept_fro` the
+    Frobenius one, 1 - rel_error^2 (the plot's green curve)."""
+    p = explorer.preview(mode, value)
+    kept = total = 0.0
+    for i in explorer.coded:
+        rec, s = p.delta.records[i], explorer.values[i]
+        kept += s[: rec.rank if rec.kind == "svd" else s.size].sum()
+        total += s.sum()
+    assert p.kept == pytest.approx(kept / total)
+    assert p.kept_fro == pytest.approx(1 - p.rel_error ** 2)
+    if mode == "energy":
+        assert p.kept >= value - 1e-9
+    if mode == "fro":
+        assert p.kept_fro >= value - 1e-9 and not np.isclose(p.kept, p.kept_fro)
 
 
 def test_layer_rows_sort(explorer):

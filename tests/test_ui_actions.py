@@ -1,7 +1,10 @@
 """The page's actions without a browser: bad input gives a message naming the file, and
-nothing is written."""
+nothing is written; an empty delta (the same file twice, an identical copy) is refused; an
+existing file is replaced only with the page's "overwrite", and messages name that, not the
+CLI's flag."""
 
 import os
+import shutil
 from collections import namedtuple
 
 import pytest
@@ -50,8 +53,45 @@ def test_save_writes_into_the_lora_folder(pair, explorer, tmp_path):
     assert [r.rank for r in read_delta(path).records] == [r.rank for r in
                                                            preview.delta.records]
     assert "compression ratio" in summary
-    with pytest.raises(DeltaError, match="exists"):   # never replaced silently
+    os.utime(path, (1, 1))
+    with pytest.raises(DeltaError, match="exists") as e:   # never replaced silently
         actions.save(*pair, preview, str(tmp_path), "deltas/x", "fp16")
+    assert 'tick "overwrite"' in str(e.value) and "--overwrite" not in str(e.value)
+    assert os.stat(path).st_mtime == 1
+    actions.save(*pair, preview, str(tmp_path), "deltas/x", "fp16", overwrite=True)
+    assert os.stat(path).st_mtime > 1
+
+
+def test_a_file_appearing_meanwhile_is_named_in_the_pages_words(pair, explorer, tmp_path,
+                                                                monkeypatch):
+    def raced(base, tuned, out, *a, **k):
+        raise DeltaError("output appeared while working (another run?); it was left as it "
+                         "is (pass --overwrite to replace it)", out)
+    monkeypatch.setattr(actions, "compress_files", raced)
+    with pytest.raises(DeltaError, match='tick "overwrite"') as e:
+        actions.save(*pair, explorer.preview("energy", 0.5), str(tmp_path), "d", "fp16")
+    assert "--overwrite" not in str(e.value) and "d.safetensors" in str(e.value)
+
+
+def test_an_empty_delta_is_refused(pair, tmp_path):
+    """The same file twice, or an identical copy: nothing changed, no analysis to show."""
+    with pytest.raises(DeltaError, match="same file"):
+        actions.analyse(pair[0], pair[0], "fp16")
+    copy = tmp_path / "copy.safetensors"
+    shutil.copyfile(pair[0], copy)
+    with pytest.raises(DeltaError, match="nothing changed"):
+        actions.analyse(pair[0], str(copy), "fp16")
+    assert not any(str(copy) in str(key) for key in actions._CACHE)
+
+
+def test_numbers_name_both_kept_energies(explorer):
+    preview = explorer.preview("energy", 0.5)
+    text = actions.numbers(explorer, preview)
+    assert "MiB" in text and "MB" not in text.replace("MiB", "")
+    kept_s = float(text.split("kept energy, sum s")[1].split()[0])
+    kept_fro = float(text.split("kept Frobenius, s^2")[1].split()[0])
+    assert kept_s == pytest.approx(preview.kept, abs=1e-4)
+    assert kept_fro == pytest.approx(1 - preview.rel_error ** 2, abs=1e-4)
 
 
 @pytest.mark.parametrize("name", ["../escape", "/abs/path", ""])
@@ -85,7 +125,12 @@ def test_inspect_and_resize(pair, explorer, tmp_path):
     assert read_delta(out).info["mode"] == "energy"
     assert explorer.preview("energy", 0.3).file_bytes == pytest.approx(os.path.getsize(out),
                                                                        abs=2048)
-    with pytest.raises(DeltaError, match="input"):  # never overwrite an input
-        actions.resize(path, str(tmp_path), "a", "energy", 0.2)
+    for overwrite in (False, True):   # never overwrite an input, ticked or not
+        with pytest.raises(DeltaError, match="input"):
+            actions.resize(path, str(tmp_path), "a", "energy", 0.2, overwrite)
+    with pytest.raises(DeltaError, match='tick "overwrite"'):
+        actions.resize(path, str(tmp_path), "b", "energy", 0.2)
+    actions.resize(path, str(tmp_path), "b", "energy", 0.2, overwrite=True)
+    assert read_delta(out).info["value"] == "0.2"
     with pytest.raises(DeltaError, match="not a deltasvd"):
         actions.inspect(pair[1])

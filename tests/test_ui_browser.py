@@ -1,17 +1,21 @@
-"""The standalone page (`deltasvd ui`) in headless Chromium: Analyze, move the slider, read the
-numbers and the table and check them against `deltasvd compress`, Save, and check the saved
-file. A screenshot is left in tests/out/ui_explorer.png.
+"""The standalone page (`deltasvd ui`) in headless Chromium: the pickers start empty, refused
+pairs (nothing chosen, the same file twice, an identical copy, an unreadable file) show as
+errors, Analyze, move the slider, read the numbers and the table and check them against
+`deltasvd compress`, Save, a second Save refused until "overwrite" is ticked, and check the saved
+file; the plot's ticks, labels and caption; the size mode's explanation. Screenshots are left in
+tests/out/ (ui_start.png, ui_error.png, ui_explorer.png, ui_saved.png, ui_size_mode.png, ...).
 
 DELTASVD_UI_PYTHON=<python> serves the page from another interpreter (a venv with another
 gradio; see README, Tests)."""
 
+import math
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
@@ -20,8 +24,8 @@ import torch
 
 from deltasvd.delta_file import read_delta, reconstruct
 from deltasvd.fixtures import make_pair
-from ui_env import CHROMEDRIVER, CHROMIUM, require_browser
-from ui_pair import assert_same_table, cli_compress, small_pair, total_mb
+from ui_env import require_browser, start_chromium
+from ui_pair import assert_same_table, cli_compress, small_pair, total_mib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHOTS = os.path.join(ROOT, "tests", "out")
@@ -49,8 +53,10 @@ def folders(tmp_path_factory):
                      tuned_dtype=torch.bfloat16)
     junk = models / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
+    copy = models / "copy_of_base.safetensors"   # identical to the base: nothing changed
+    shutil.copyfile(base, copy)
     return {"root": root, "models": models, "loras": loras, "base": base, "tuned": tuned,
-            "junk": str(junk), "flux": flux}
+            "junk": str(junk), "copy": str(copy), "flux": flux}
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +90,7 @@ def server(folders):
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    for flag in FLAGS + [f"--user-data-dir={tempfile.mkdtemp(prefix='dsvd-chromium-')}"]:
-        opts.add_argument(flag)
-    opts.binary_location = CHROMIUM
-    # An explicit driver path: Selenium Manager never runs (it would download one).
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver = start_chromium(FLAGS)
     driver.get(server)
     yield driver
     driver.quit()
@@ -122,6 +121,38 @@ class Page:
     def click(self, eid):
         self.d.find_element(self.By.CSS_SELECTOR, f"#{eid}").click()
 
+    def tick(self, eid):
+        if not self.ticked(eid):
+            self.d.find_element(self.By.CSS_SELECTOR, f"#{eid} input[type=checkbox]").click()
+
+    def ticked(self, eid):
+        return self.d.find_element(self.By.CSS_SELECTOR,
+                                   f"#{eid} input[type=checkbox]").is_selected()
+
+    def choose(self, eid, label):
+        """Click the radio button `label` of a gr.Radio."""
+        labels = self.d.find_elements(self.By.CSS_SELECTOR, f"#{eid} label")
+        next(x for x in labels if x.text.strip() == label).click()
+
+    def status_el(self, eid="dsvd-status"):
+        return self.d.find_element(self.By.CSS_SELECTOR, f"#{eid} .dsvd-status")
+
+    def status(self, eid="dsvd-status"):
+        """The status line's text (not the progress text gradio lays over it meanwhile)."""
+        found = self.d.find_elements(self.By.CSS_SELECTOR, f"#{eid} .dsvd-status")
+        return found[0].text.strip() if found else ""
+
+    def error(self, eid="dsvd-status"):
+        """The status line when it is an error, shown as one (class and prefix), else ''."""
+        text = self.status(eid)
+        if not text.startswith("Error: "):
+            return ""
+        assert "dsvd-error" in self.status_el(eid).get_attribute("class"), text
+        return text
+
+    def label(self, eid):
+        return self.d.find_element(self.By.CSS_SELECTOR, f"#{eid}").text
+
     def wait(self, cond, timeout=WAIT):
         end = time.time() + timeout
         while time.time() < end:
@@ -131,7 +162,7 @@ class Page:
             time.sleep(0.05)
         os.makedirs(SHOTS, exist_ok=True)
         self.d.save_screenshot(os.path.join(SHOTS, "ui_timeout.png"))
-        raise AssertionError(f"timed out; status: {self.text('dsvd-status')!r}, numbers: "
+        raise AssertionError(f"timed out; status: {self.status()!r}, numbers: "
                              f"{self.text('dsvd-numbers')!r} (tests/out/ui_timeout.png)")
 
     def set_value(self, value):
@@ -152,22 +183,64 @@ class Page:
         return time.perf_counter() - start
 
 
-def test_explore_and_save(browser, folders, tmp_path):
+ROUND = {1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9}
+
+
+def _is_round(v):
+    """1, 2, 5 (or 1.5, 3, 4 ... on a short range) times a power of ten."""
+    return v > 0 and round(v / 10 ** math.floor(math.log10(v)), 6) in ROUND
+
+
+def _overlap(a, b):
+    return not (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"] or
+                a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"])
+
+
+def _shot(page, name):
+    os.makedirs(SHOTS, exist_ok=True)
+    page.d.save_screenshot(os.path.join(SHOTS, name))
+
+
+def test_refused_pairs_are_errors(browser, folders):
+    """The pickers start empty with a prompt; nothing chosen, the same file twice, an
+    identical copy and an unreadable file are refused and shown as errors, with no numbers."""
     page = Page(browser)
     page.wait(lambda: page.d.find_elements(page.By.ID, "dsvd-analyze"), 60)
+    page.wait(lambda: page.status())
+    assert "Delta-SVD threshold explorer" in page.label("dsvd-title")
+    assert page.text("dsvd-base") == "" and page.text("dsvd-tuned") == ""
+    assert page.status() == "Choose the base and the fine-tuned checkpoint, then press Analyze."
+    assert "sum(s[:t]) / sum(s)" in page.label("dsvd-value")
+    _shot(page, "ui_start.png")
 
-    # An unreadable file: the error, naming it, is shown in the page.
-    page.type("dsvd-base", os.path.basename(folders["base"]))
-    page.type("dsvd-tuned", folders["junk"])
     page.click("dsvd-analyze")
-    status = page.wait(lambda: page.text("dsvd-status").startswith("Error") and
-                       page.text("dsvd-status"))
-    assert "junk.safetensors" in status
+    assert "choose the base checkpoint" in page.wait(page.error)
+    colour = page.status_el().value_of_css_property("background-color")
+    assert colour not in ("rgba(0, 0, 0, 0)", "transparent"), colour   # style.css applies
 
+    base = os.path.basename(folders["base"])
+    for tuned, words in ((base, "the base and the fine-tune are the same file"),
+                         (folders["copy"], "nothing changed"),
+                         (folders["junk"], "junk.safetensors")):
+        before = page.status()
+        page.type("dsvd-base", base)
+        page.type("dsvd-tuned", tuned)
+        page.click("dsvd-analyze")
+        error = page.wait(lambda: page.status() != before and page.error())
+        assert words in error, error
+        assert page.text("dsvd-numbers") == ""   # no result left from an earlier pair
+        if words == "nothing changed":
+            _shot(page, "ui_error.png")
+
+
+def test_explore_and_save(browser, folders, tmp_path):
+    page = Page(browser)
+    page.type("dsvd-base", os.path.basename(folders["base"]))
     page.type("dsvd-tuned", os.path.basename(folders["tuned"]))
     page.click("dsvd-analyze")
-    page.wait(lambda: page.text("dsvd-status").startswith("analysed"))
-    page.wait(lambda: "MB" in page.text("dsvd-numbers"))
+    page.wait(lambda: page.status().startswith("analysed"))
+    assert "dsvd-done" in page.status_el().get_attribute("class")
+    page.wait(lambda: "MiB" in page.text("dsvd-numbers"))
 
     # Move the slider: the numbers and the table are what `deltasvd compress` reports.
     times = [page.set_value(v) for v in (0.45, 0.35, 0.3)]
@@ -176,28 +249,68 @@ def test_explore_and_save(browser, folders, tmp_path):
     groups = page.text("dsvd-groups")
     assert_same_table(groups, printed)
     numbers = page.text("dsvd-numbers")
-    size = float(re.search(r"size\s+([\d.]+) MB", numbers).group(1))
-    assert size == pytest.approx(total_mb(printed), abs=0.011)
+    size = float(re.search(r"size\s+([\d.]+) MiB", numbers).group(1))
+    assert size == pytest.approx(total_mib(printed), abs=0.011)
     server_ms = [float(x) for x in re.findall(r"answered in\s+(\d+) ms", numbers)]
     assert server_ms and server_ms[0] <= 200
     print(f"\nslider round trip in the browser: median {statistics.median(times):.3f} s; "
           f"server answered in {server_ms[0]:.0f} ms")
+    # the two kept energies, each named: the rule's (sum of s) and Frobenius = 1 - error^2
+    error = float(re.search(r"est\. rel\. error\s+([\d.]+)", numbers).group(1))
+    kept_s = float(re.search(r"kept energy, sum s\s+([\d.]+)", numbers).group(1))
+    kept_fro = float(re.search(r"kept Frobenius, s\^2\s+([\d.]+)", numbers).group(1))
+    assert kept_fro == pytest.approx(1 - error ** 2, abs=2e-4) and kept_s < kept_fro
+    label = page.label("dsvd-numbers")
+    assert "sum(s[:t]) / sum(s)" in label and "1 - rel. error^2" in label
     layers = page.d.find_element(page.By.ID, "dsvd-layers").text
     assert "lora_unet_" in layers and "lora_te_" in layers
-    assert page.d.find_elements(page.By.CSS_SELECTOR, "#dsvd-plot svg circle")
 
-    os.makedirs(SHOTS, exist_ok=True)
-    page.d.save_screenshot(os.path.join(SHOTS, "ui_explorer.png"))
+    # The plot: a log size axis with round ticks, titles clear of them, a legend and caption.
+    svg = "#dsvd-plot svg"
+    assert page.d.find_elements(page.By.CSS_SELECTOR, f"{svg} circle")
+    ticks = page.d.find_elements(page.By.CSS_SELECTOR, f"{svg} text.size-tick")
+    values = [float(t.text) for t in ticks]
+    assert len(values) >= 3 and all(map(_is_round, values)), values
+    titles = page.d.find_elements(page.By.CSS_SELECTOR, f"{svg} text.axis")
+    labels = ticks + page.d.find_elements(page.By.CSS_SELECTOR, f"{svg} text.kept-tick")
+    assert not [(t.text, x.text) for t in titles for x in labels if _overlap(t.rect, x.rect)]
+    plot = page.d.find_element(page.By.ID, "dsvd-plot").text
+    assert "log scale" in plot and "kept Frobenius energy" in plot
+
+    # The layer table's last column is in sight at 1400 px.
+    width = page.d.execute_script("return document.documentElement.clientWidth")
+    last = [e for e in page.d.find_elements(
+        page.By.XPATH, "//*[@id='dsvd-layers']//*[normalize-space(text())='rel. error']")
+        if e.is_displayed()]
+    assert last and last[0].rect["x"] + last[0].rect["width"] <= width, last and last[0].rect
+    _shot(page, "ui_explorer.png")
 
     # Save: the file is the one `deltasvd compress` writes for this setting.
     page.type("dsvd-name", "deltas/from_ui")
     page.click("dsvd-save")
-    status = page.wait(lambda: page.text("dsvd-status").startswith(("saved", "Error")) and
-                       page.text("dsvd-status"))
     path = os.path.join(folders["loras"], "deltas", "from_ui.safetensors")
-    assert status == f"saved {path}"
+    page.wait(lambda: page.status() == f"saved {path}" or page.error())
+    assert page.status() == f"saved {path}"
     assert path in page.text("dsvd-saved")
-    saved, cli = read_delta(path), read_delta(tmp_path / "cli.safetensors")
+    _same_as_cli(path, tmp_path / "cli.safetensors")
+
+    # A second Save is refused, in the page's words, until "overwrite" is ticked.
+    os.utime(path, (1, 1))
+    page.click("dsvd-save")
+    error = page.wait(page.error)
+    assert path in error and 'tick "overwrite"' in error and "--overwrite" not in error
+    assert os.stat(path).st_mtime == 1
+    page.tick("dsvd-overwrite")
+    page.click("dsvd-save")
+    page.wait(lambda: page.status() == f"saved {path}")
+    assert os.stat(path).st_mtime > 1
+    assert not page.ticked("dsvd-overwrite")   # for that Save only
+    _same_as_cli(path, tmp_path / "cli.safetensors")
+    _shot(page, "ui_saved.png")
+
+
+def _same_as_cli(path, cli_path):
+    saved, cli = read_delta(path), read_delta(cli_path)
     assert [r.rank for r in saved.records] == [r.rank for r in cli.records]
     assert saved.tensors.keys() == cli.tensors.keys()
     if os.environ.get("DELTASVD_UI_PYTHON"):
@@ -209,11 +322,11 @@ def test_explore_and_save(browser, folders, tmp_path):
             assert (a - b).norm() <= 1e-2 * b.norm() + 1e-6, rec.name
     else:
         assert all(torch.equal(saved.tensors[k], cli.tensors[k]) for k in cli.tensors)
-    page.d.save_screenshot(os.path.join(SHOTS, "ui_saved.png"))
 
 
 def test_inspect_and_resize(browser, folders):
-    """After the Save above: the file is listed, its metadata shown, and it can be cut."""
+    """After the Save above: the file is listed, its metadata shown, and it can be cut; a
+    second cut to the same name needs "overwrite"."""
     page = Page(browser)
     tabs = page.d.find_elements(page.By.XPATH, "//button[contains(., 'Inspect / resize')]")
     next(t for t in tabs if t.is_displayed()).click()   # gradio 6 keeps a hidden copy too
@@ -229,7 +342,16 @@ def test_inspect_and_resize(browser, folders):
     path = os.path.join(folders["loras"], "deltas", "cut.safetensors")
     assert text.startswith(path), text
     assert read_delta(path).info["resized_from"] == "energy=0.3"
-    page.d.save_screenshot(os.path.join(SHOTS, "ui_inspect.png"))
+    page.wait(lambda: page.status("dsvd-file-status") == f"resized into {path}")
+    page.type("dsvd-resize-value", "0.1")
+    page.click("dsvd-resize")
+    error = page.wait(lambda: page.error("dsvd-file-status"))
+    assert 'tick "overwrite"' in error and "--overwrite" not in error
+    page.tick("dsvd-resize-overwrite")
+    page.click("dsvd-resize")
+    page.wait(lambda: page.status("dsvd-file-status") == f"resized into {path}")
+    assert read_delta(path).info["value"] == "0.1"
+    _shot(page, "ui_inspect.png")
 
 
 def test_a_dit_family(browser, folders, tmp_path):
@@ -241,11 +363,10 @@ def test_a_dit_family(browser, folders, tmp_path):
     base, tuned = folders["flux"]
     page.type("dsvd-base", os.path.basename(base))
     page.type("dsvd-tuned", os.path.basename(tuned))
-    before = page.text("dsvd-status")
+    before = page.status()
     page.click("dsvd-analyze")
-    page.wait(lambda: page.text("dsvd-status") != before and
-              page.text("dsvd-status").startswith("analysed"))
-    assert "Flux" in page.text("dsvd-status") + page.text("dsvd-numbers")
+    page.wait(lambda: page.status() != before and page.status().startswith("analysed"))
+    assert "Flux" in page.status() + page.text("dsvd-numbers")
     page.set_value(0.25)
     printed = cli_compress(base, tuned, tmp_path / "flux.safetensors", "--energy", "0.25")
     groups = page.wait(lambda: "double_blocks" in page.text("dsvd-groups") and
@@ -253,12 +374,27 @@ def test_a_dit_family(browser, folders, tmp_path):
     assert_same_table(groups, printed)
     layers = page.d.find_element(page.By.ID, "dsvd-layers").text
     assert "lora_unet_double_blocks_0_" in layers and "lora_unet_final_layer_linear" in layers
-    page.d.save_screenshot(os.path.join(SHOTS, "ui_flux.png"))
+    _shot(page, "ui_flux.png")
     page.type("dsvd-name", "flux_from_ui")
     page.click("dsvd-save")
     path = os.path.join(folders["loras"], "flux_from_ui.safetensors")
-    page.wait(lambda: page.text("dsvd-status") == f"saved {path}")
+    page.wait(lambda: page.status() == f"saved {path}")
     saved, cli = read_delta(path), read_delta(tmp_path / "flux.safetensors")
     assert saved.family == "flux"
     assert [r.rank for r in saved.records] == [r.rank for r in cli.records]
     assert saved.tensors.keys() == cli.tensors.keys()
+
+
+def test_size_mode_explains_its_marker(browser):
+    """Size mode: the slider is in MiB and the caption says why the marker is off the curves."""
+    page = Page(browser)
+    before = page.text("dsvd-numbers")
+    page.choose("dsvd-mode", "size (MiB)")
+    page.wait(lambda: "MiB" in page.label("dsvd-value") and
+              page.text("dsvd-numbers") != before)
+    caption = page.wait(lambda: "size mode" in page.label("dsvd-plot") and
+                        page.label("dsvd-plot"))
+    assert "off the curves" in caption and "smaller than the energy rule" in caption
+    _shot(page, "ui_size_mode.png")
+    page.choose("dsvd-mode", "energy")
+    page.wait(lambda: "sum(s[:t])" in page.label("dsvd-value"))

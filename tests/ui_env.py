@@ -5,6 +5,7 @@ them (.ci/run)."""
 import importlib.util
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -31,3 +32,16 @@ def require_browser():
     for path in (CHROMIUM, CHROMEDRIVER):
         if not (os.path.exists(path) or shutil.which(os.path.basename(path))):
             _missing(path)
+
+
+def start_chromium(flags, prefix="dsvd-chromium-"):
+    """A headless Chromium under selenium with `flags` and a fresh profile folder; the
+    driver is the system's (an explicit path: Selenium Manager never runs, it would download
+    one)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    for flag in list(flags) + [f"--user-data-dir={tempfile.mkdtemp(prefix=prefix)}"]:
+        opts.add_argument(flag)
+    opts.binary_location = CHROMIUM
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)

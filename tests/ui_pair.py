@@ -8,6 +8,7 @@ import re
 from deltasvd.cli import main
 from deltasvd.fixtures import make_pair
 
+HEAD = re.compile(r"^group\s+pieces\s+rank min\s+median\s+max\s+dense\s+MiB\s+rel\.err$")
 ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$")
 
 
@@ -16,9 +17,12 @@ def small_pair(folder, family="sd15", seed=0):
 
 
 def group_rows(text):
-    """{group: (layers, rank min, median, max, dense, MB, rel.err)} of a printed group table."""
+    """{group: (pieces, rank min, median, max, dense, MiB, rel.err)} of a printed group table
+    (its header must say so: a table in other units is not read as this one)."""
     rows = {}
-    for line in text.splitlines():
+    lines = text.splitlines()
+    assert any(HEAD.match(line.strip()) for line in lines), text
+    for line in lines:
         m = ROW.match(line.strip())
         if m:
             g = m.groups()
@@ -26,7 +30,8 @@ def group_rows(text):
     return rows
 
 
-def total_mb(text):
+def total_mib(text):
+    """The total size (MiB) of a printed group table."""
     line = next(x for x in text.splitlines() if x.startswith("total"))
     return float(line.split()[-2])
 
@@ -40,11 +45,11 @@ def cli_compress(base, tuned, out, *rule):
 
 
 def assert_same_table(ours, theirs, err_tol=2e-3):
-    """Ranks, dense counts and MB per group equal; relative errors close (ours leaves out the
+    """Ranks, dense counts and MiB per group equal; relative errors close (ours leaves out the
     fp16 rounding of the factors)."""
     a, b = group_rows(ours), group_rows(theirs)
     assert a and a.keys() == b.keys()
     for g in a:
         assert a[g][:6] == b[g][:6], (g, a[g], b[g])
         assert abs(a[g][6] - b[g][6]) <= err_tol, (g, a[g], b[g])
-    assert abs(total_mb(ours) - total_mb(theirs)) <= 0.011
+    assert abs(total_mib(ours) - total_mib(theirs)) <= 0.011
