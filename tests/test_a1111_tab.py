@@ -57,6 +57,8 @@ blocks, title, elem_id = tabs[0]
 print(type(blocks).__name__, title, elem_id, len(tabs))
 values = [b.value for b in blocks.blocks.values() if getattr(b, 'elem_id', None) == 'dsvd-value']
 print(values)
+print([b.value for b in blocks.blocks.values()
+       if getattr(b, 'elem_id', None) in ('dsvd-base', 'dsvd-tuned')])
 """
     r = _run(code)
     assert r.returncode == 0, r.stderr
@@ -68,6 +70,7 @@ print(values)
     assert lines[4] == "/elsewhere"
     assert lines[5] == "Blocks Delta-SVD deltasvd 1"
     assert lines[6] == "[0.25]"   # the setting seeds the slider
+    assert lines[7] == "[None, None]"   # both pickers start empty, not on the same file
 
 
 def test_install_only_what_is_missing():

@@ -84,7 +84,11 @@ def server(folders):
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:   # gradio 3 at times waits on a closed socket
+            proc.kill()
+            proc.wait(timeout=30)
         log.close()
 
 
@@ -137,18 +141,35 @@ class Page:
     def status_el(self, eid="dsvd-status"):
         return self.d.find_element(self.By.CSS_SELECTOR, f"#{eid} .dsvd-status")
 
+    def _status(self, eid):
+        """(text, classes) of a status line, read in one script (gradio replaces the element
+        when it updates: a found element can be gone before its text is read)."""
+        return self.d.execute_script(
+            "const el = document.querySelector(arguments[0]);"
+            "return el ? [el.innerText.trim(), el.className] : ['', ''];",
+            f"#{eid} .dsvd-status")
+
     def status(self, eid="dsvd-status"):
         """The status line's text (not the progress text gradio lays over it meanwhile)."""
-        found = self.d.find_elements(self.By.CSS_SELECTOR, f"#{eid} .dsvd-status")
-        return found[0].text.strip() if found else ""
+        return self._status(eid)[0]
 
     def error(self, eid="dsvd-status"):
         """The status line when it is an error, shown as one (class and prefix), else ''."""
-        text = self.status(eid)
+        text, classes = self._status(eid)
         if not text.startswith("Error: "):
             return ""
-        assert "dsvd-error" in self.status_el(eid).get_attribute("class"), text
+        assert "dsvd-error" in classes.split(), (text, classes)
         return text
+
+    def tab(self, name):
+        """Show the tab `name`: its role="tab" button (gradio 6 also keeps an unclickable copy
+        of the tab buttons); gradio 3's tab buttons have no role."""
+        for xpath in (f"//button[@role='tab'][normalize-space(.)='{name}']",
+                      f"//button[normalize-space(.)='{name}']"):
+            tabs = [t for t in self.d.find_elements(self.By.XPATH, xpath) if t.is_displayed()]
+            if tabs:
+                return tabs[0].click()
+        raise AssertionError(f"no tab {name!r}")
 
     def label(self, eid):
         return self.d.find_element(self.By.CSS_SELECTOR, f"#{eid}").text
@@ -239,7 +260,7 @@ def test_explore_and_save(browser, folders, tmp_path):
     page.type("dsvd-tuned", os.path.basename(folders["tuned"]))
     page.click("dsvd-analyze")
     page.wait(lambda: page.status().startswith("analysed"))
-    assert "dsvd-done" in page.status_el().get_attribute("class")
+    assert "dsvd-done" in page._status("dsvd-status")[1]
     page.wait(lambda: "MiB" in page.text("dsvd-numbers"))
 
     # Move the slider: the numbers and the table are what `deltasvd compress` reports.
@@ -328,8 +349,7 @@ def test_inspect_and_resize(browser, folders):
     """After the Save above: the file is listed, its metadata shown, and it can be cut; a
     second cut to the same name needs "overwrite"."""
     page = Page(browser)
-    tabs = page.d.find_elements(page.By.XPATH, "//button[contains(., 'Inspect / resize')]")
-    next(t for t in tabs if t.is_displayed()).click()   # gradio 6 keeps a hidden copy too
+    page.tab("Inspect / resize")
     page.click("dsvd-file-refresh")
     page.type("dsvd-file", os.path.join("deltas", "from_ui.safetensors"))
     page.click("dsvd-inspect")
@@ -358,8 +378,7 @@ def test_a_dit_family(browser, folders, tmp_path):
     """A Flux.1 pair in the page: Flux's groups and LoRA names, the table and the saved file
     as `deltasvd compress` gives them."""
     page = Page(browser)
-    tabs = page.d.find_elements(page.By.XPATH, "//button[@role='tab'][contains(., 'Explore')]")
-    next(t for t in tabs if t.is_displayed()).click()
+    page.tab("Explore")
     base, tuned = folders["flux"]
     page.type("dsvd-base", os.path.basename(base))
     page.type("dsvd-tuned", os.path.basename(tuned))
