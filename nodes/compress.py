@@ -8,7 +8,6 @@ import comfy.model_management as mm
 import folder_paths
 
 from ..deltasvd.api import compress_to_delta
-from ..deltasvd.errors import DeltaError
 from ..deltasvd.sources import compress_sources
 from ..deltasvd.summary import compress_summary
 from . import comfy_models, provenance
@@ -95,21 +94,19 @@ class DeltaSVDCompress:
                                                      _rounding_ratio(delta, tuned, loaded))
         finally:
             comfy_models.cleanup()
-        if not counts.changed:
-            raise DeltaError("model_tuned and model_base hold the same weights: there is no "
-                             "delta to compress (is model_tuned the fine-tune?)")
         size = delta_bytes(delta)
         text = compress_summary(delta, counts, size, tuned_bytes)
-        text += "\ninputs: the weights ComfyUI holds (UNet" + (" and text encoder" if clip_tuned
-                                                               is not None else "") + \
-            "; the VAE is not compared)"
+        parts = "UNet and text encoder" if clip_tuned is not None else "UNet"
+        text += (f"\ninputs: the weights ComfyUI holds in memory ({parts}; the VAE is not "
+                 "compared); the compression ratio is against the weights in memory, not the "
+                 "checkpoint file")
         if note:
             text += "\n" + note
             log.warning("DeltaSVDCompress: %s", note)
         if tuned_bytes > BIG_MODEL_BYTES:
-            text += (f"\nnote: a {tuned_bytes / 1e9:.0f} GB model had to be loaded twice for this "
-                     "node; 'Delta-SVD Compress (files)' streams both files tensor by tensor "
-                     "in a few GB of memory")
+            text += (f"\nnote: a {tuned_bytes / 2**30:.0f} GiB model had to be loaded twice for "
+                     "this node; 'Delta-SVD Compress (files)' streams both files tensor by "
+                     "tensor in a few GiB of memory")
         info = stats(delta, size)
         info["precision_warning"] = bool(note)
         return {"ui": ui(text, info), "result": (delta, text)}
@@ -213,4 +210,5 @@ class DeltaSVDCompressFiles:
             comfy_models.cleanup()
         size = delta_bytes(delta)
         text = compress_summary(delta, counts, size, tuned_bytes)
+        text += f"\nthe compression ratio is against the tuned file on disk ({ckpt_tuned})"
         return {"ui": ui(text, stats(delta, size)), "result": (delta, text)}

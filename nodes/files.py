@@ -50,6 +50,17 @@ def resolve(filename):
     return root, path, name
 
 
+def exists_problem(filename):
+    """Why `filename` cannot be saved without overwrite (it exists), or None."""
+    try:
+        _, path, name = resolve(filename)
+    except DeltaError as e:
+        return str(e)
+    if os.path.lexists(path):
+        return f"loras/{name} exists; choose another filename or enable overwrite"
+    return None
+
+
 def _forget_lora_list():
     """Make the next get_filename_list('loras') (LoraLoader's list) rescan the folder."""
     cache = getattr(folder_paths, "filename_list_cache", None)
@@ -85,23 +96,29 @@ class DeltaSVDSave:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename=None):
+    def VALIDATE_INPUTS(cls, filename=None, overwrite=None):
+        """ComfyUI calls this before the graph runs, so a bad name or an existing file is
+        refused before a compress of minutes, not after it. None: the input is linked (or
+        left out of an API prompt); the node checks it when it runs."""
         if filename is None:
             return True
-        return filename_problem(filename) or True
+        problem = filename_problem(filename)
+        if problem is None and overwrite is False:
+            problem = exists_problem(filename)
+        return problem or True
 
     def save(self, delta, filename, overwrite=False):
-        root, path, name = resolve(filename)
-        if os.path.exists(path) and not overwrite:
-            raise DeltaError(f"loras/{name} exists; choose another filename or enable "
-                             "overwrite")
+        _, path, name = resolve(filename)
+        if not overwrite:
+            problem = exists_problem(filename)
+            if problem:   # created since the graph was queued, or an API prompt without overwrite
+                raise DeltaError(problem)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         size = save_delta(delta, path, overwrite=overwrite)
         _forget_lora_list()
-        info = stats(delta, size)
-        info["file"] = name
-        text = f"saved loras/{name} ({size / 2**20:.2f} MB)"
-        return {"ui": ui(text, info)}
+        text = f"saved loras/{name} ({size / 2**20:.2f} MiB)"
+        # the frontend extension refreshes the nodes' file lists when it sees `file`
+        return {"ui": ui(text, {"file": name})}
 
 
 class DeltaSVDLoad:

@@ -96,7 +96,7 @@ def render(delta, width=1024, height=560):
     size = delta_bytes(delta)
     info = delta.info
     title = (f"{families.title(delta.family)} delta: {info.get('mode')} = "
-             f"{info.get('value')}, {size / 2**20:.2f} MB, factors {info.get('dtype')}")
+             f"{info.get('value')}, {size / 2**20:.2f} MiB, factors {info.get('dtype')}")
     d.text((width / 2, 8), title, fill=FG, font=normal, anchor="ma")
     top, bottom = 48, height - 56
     split = int(width * 0.56)
@@ -132,22 +132,22 @@ def render(delta, width=1024, height=560):
     right = Axes(d, (split + 70, top, width - 24, bottom), (0.0, 1.0), (0.0, ymax))
     yt = _nice_ticks(ymax)
     right.frame(small, [0, 0.2, 0.4, 0.6, 0.8, 1.0], yt, f"{measure} threshold",
-                "file size (MB)", fmt_x=lambda v: f"{v:g}", fmt_y=lambda v: f"{v:g}")
+                "file size (MiB)", fmt_x=lambda v: f"{v:g}", fmt_y=lambda v: f"{v:g}")
     if threshold is not None:
         x0, y0 = right.px(0.0, ymax)
         x1, y1 = right.px(threshold, 0.0)
         d.rectangle([x0 + 1, y0 + 1, x1, y1 - 1], fill=SHADE)
         d.text((x0 + 6, y0 + 6), "reachable with Resize", fill="#2f6f2f", font=small)
         right.frame(small, [0, 0.2, 0.4, 0.6, 0.8, 1.0], yt, f"{measure} threshold",
-                    "file size (MB)", fmt_x=lambda v: f"{v:g}", fmt_y=lambda v: f"{v:g}")
+                    "file size (MiB)", fmt_x=lambda v: f"{v:g}", fmt_y=lambda v: f"{v:g}")
     right.line(ts, mb, "#1f77b4")
     if threshold is not None:
         right.dot(threshold, size / 2**20, "#d62728", r=5)
         cx, cy = right.px(threshold, size / 2**20)
-        d.text((cx + 8, cy - 8), f"{size / 2**20:.2f} MB", fill=FG, font=small, anchor="lb")
+        d.text((cx + 8, cy - 8), f"{size / 2**20:.2f} MiB", fill=FG, font=small, anchor="lb")
     else:
         right.dashed(right.px(0, size / 2**20), right.px(1, size / 2**20), "#d62728")
-        d.text(right.px(0, size / 2**20), f"  this delta: {size / 2**20:.2f} MB", fill=FG,
+        d.text(right.px(0, size / 2**20), f"  this delta: {size / 2**20:.2f} MiB", fill=FG,
                font=small, anchor="lb")
     return img
 

@@ -158,9 +158,11 @@ def test_compress_loaded_models_equals_core_on_files(made, made_files):
     for k in want.extras:
         assert torch.equal(delta.extras[k], want.extras[k]), k
     assert "rel.err" in text and "compression ratio" in text
+    assert "the compression ratio is against the weights in memory, not the checkpoint" in text
     assert "PRECISION" not in text   # fp16 files held in fp16
     info = made["ui"]["deltasvd"][0]
     assert info["size_mb"] > 0 and info["ratio"] > 10 and 0 < info["rel_error"] < 1
+    assert info["ratio_against"].startswith("the weights in memory (")
     assert made["ui"]["text"] == [text]
 
 
@@ -172,7 +174,7 @@ def test_compress_refuses_one_clip_and_bad_rule(host, pair, DeltaError):
         node.compress(pair.tuned_model, pair.base_model, "energy", 2.0, "fp16")
     with pytest.raises(DeltaError, match=r"value \(size_mb\) 0.001 is smaller than the fixed"):
         node.compress(pair.tuned_model, pair.base_model, "size_mb", 0.001, "fp16")
-    with pytest.raises(DeltaError, match="hold the same weights"):
+    with pytest.raises(DeltaError, match="nothing changed: every tensor equals the base's"):
         node.compress(pair.base_model, pair.base_model.clone(), "energy", 0.5, "fp16")
 
 
@@ -274,7 +276,11 @@ def test_compress_files_node(host, pair, made_files):
     delta, text = result(made_files)
     assert delta.info["tuned_name"] == tuned and len(delta.info["base_sha256"]) == 64
     assert "compression ratio" in text
-    assert made_files["ui"]["deltasvd"][0]["ratio"] > 10
+    assert f"the compression ratio is against the tuned file on disk ({tuned})" in text
+    info = made_files["ui"]["deltasvd"][0]
+    assert info["ratio"] > 10
+    size = os.path.getsize(pair.tuned_path) / 2**20
+    assert info["ratio_against"] == f"the tuned file ({size:.1f} MiB)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,8 +415,18 @@ def test_save_load_round_trip_and_refusals(host, made, DeltaError):
     assert loaded.tensors.keys() == delta.tensors.keys()
     assert all(torch.equal(loaded.tensors[k], delta.tensors[k]) for k in delta.tensors)
     assert "Stable Diffusion 1.x" in info
+    assert out["ui"]["text"][0].endswith(" MiB)") and out["ui"]["deltasvd"] == [
+        {"file": "deltas/unit.safetensors"}]      # the frontend refreshes its lists on `file`
     mtime = path.stat().st_mtime_ns
-    with pytest.raises(DeltaError, match="exists"):
+    exists = "loras/deltas/unit.safetensors exists; choose another filename or enable overwrite"
+    # before the graph runs (ComfyUI calls VALIDATE_INPUTS with the widget values)
+    validate = host.nodes.NODE_CLASS_MAPPINGS["DeltaSVDSave"].VALIDATE_INPUTS
+    assert validate(filename="deltas/unit", overwrite=False) == exists
+    assert validate(filename="deltas/unit.safetensors", overwrite=False) == exists
+    assert validate(filename="deltas/unit", overwrite=True) is True
+    assert validate(filename="deltas/unit") is True    # linked overwrite: checked in the run
+    assert validate(filename="deltas/other", overwrite=False) is True
+    with pytest.raises(DeltaError, match="exists"):      # and when it runs
         save.save(delta, "deltas/unit")
     assert path.stat().st_mtime_ns == mtime
     save.save(delta, "deltas/unit", overwrite=True)
@@ -453,16 +469,20 @@ def test_resize_and_spectrum(host, made, DeltaError):
 
 
 def test_example_workflows_are_consistent(host):
-    """Every UI workflow (example_workflows/, what the frontend lists as this pack's templates)
-    has its API twin (example_workflows/api/, what the server tests run): the same nodes, links
-    and widget values. Both are written by tools/gen_workflows.py."""
+    """Every UI workflow (example_workflows/, what the frontend lists as this pack's templates,
+    titled by file name, with the .jpg of the same name as thumbnail) has its API twin
+    (example_workflows/api/, what the server tests run): the same nodes, links and widget
+    values. Both are written by tools/gen_workflows.py. No two nodes overlap (title bars
+    included); the browser test checks it again after each template runs."""
     folder = REPO / "example_workflows"
     ui_files = sorted(folder.glob("*.json"))
-    assert [f.name for f in ui_files] == ["deltasvd_ab_compare.json",
-                                          "deltasvd_compress_and_save.json",
-                                          "deltasvd_load_apply_sample.json"]
+    assert [f.name for f in ui_files] == ["Delta-SVD A-B comparison.json",
+                                          "Delta-SVD apply and sample.json",
+                                          "Delta-SVD compress and save.json"]
     for ui_file in ui_files:
+        assert ui_file.with_suffix(".jpg").read_bytes().startswith(b"\xff\xd8\xff")
         ui_wf = json.loads(ui_file.read_text())
+        assert not overlapping(ui_wf["nodes"]), (ui_file.name, overlapping(ui_wf["nodes"]))
         api_wf = json.loads((folder / "api" / ui_file.name).read_text())
         nodes_ = [n for n in ui_wf["nodes"] if n["type"] not in ("Note", "MarkdownNote")]
         assert sorted(str(n["id"]) for n in nodes_) == sorted(api_wf), ui_file.name
@@ -478,3 +498,20 @@ def test_example_workflows_are_consistent(host):
             assert [str(src), slot] in api_wf[str(dst)]["inputs"].values(), ui_file.name
         n_links = sum(isinstance(v, list) for n in api_wf.values() for v in n["inputs"].values())
         assert n_links == len(ui_wf["links"]), ui_file.name
+
+
+TITLE_HEIGHT = 30   # LiteGraph's title bar, above a node's `pos`
+
+
+def overlapping(nodes_):
+    """Pairs of node ids whose rectangles, title bars included, intersect."""
+    return intersecting({n["id"]: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0],
+                                   n["size"][1] + TITLE_HEIGHT) for n in nodes_})
+
+
+def intersecting(rects):
+    """{label: (x, y, width, height)} -> the pairs of labels whose rectangles intersect."""
+    items = list(rects.items())
+    return [(a, b) for i, (a, (ax, ay, aw, ah)) in enumerate(items)
+            for b, (bx, by, bw, bh) in items[i + 1:]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah]

@@ -12,10 +12,12 @@ workflows (example_workflows/api) with the test's names, posted to /prompt and r
   within fp16 rounding; the stock LoraLoader applying the same file gives the same weights; a
   KSampler step at 64x64 runs on the applied model; the A/B workflow runs;
 * Cancel during a compress stops it and leaves no file;
-* bad inputs (an SDXL delta on SD1.5, a corrupt file, a filename with '..'): a node error each,
-  nothing written.
+* bad inputs (an SDXL delta on SD1.5, a corrupt file, a filename with '..', the same model as
+  fine-tune and base): a node error each, nothing written;
+* Save onto an existing file with overwrite off: refused by /prompt, before anything runs.
 Plus `main.py --quick-test-for-ci` with the pack, and what the frontend fetches (node
-definitions, the extension's JS, node docs, workflow templates).
+definitions, the extension's JS, node docs, workflow templates and their thumbnails).
+tests/test_comfyui_frontend_browser.py drives the same server from the real frontend.
 """
 
 import asyncio
@@ -30,6 +32,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -48,6 +51,10 @@ EXAMPLES = REPO / "example_workflows" / "api"
 PACK = "deltasvd"            # the folder name the repository is installed under
 NODE_IDS = ["DeltaSVDCompress", "DeltaSVDCompressFiles", "DeltaSVDSave", "DeltaSVDLoad",
             "DeltaSVDApply", "DeltaSVDResize", "DeltaSVDSpectrum"]
+# the templates (example_workflows/<name>.json), named as the template browser titles them
+COMPRESS = "Delta-SVD compress and save"
+APPLY = "Delta-SVD apply and sample"
+COMPARE = "Delta-SVD A-B comparison"
 UNCHANGED = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
 START_TIMEOUT = 180
 RUN_TIMEOUT = 600
@@ -240,9 +247,11 @@ def test_frontend_sees_nodes_extension_docs_and_templates(server):
     js = server.get(f"/extensions/{PACK}/deltasvd.js", raw=True).decode()
     assert "registerExtension" in js and "DeltaSVDCompress" in js
     templates = server.get("/workflow_templates")
-    assert sorted(templates[PACK]) == ["deltasvd_ab_compare", "deltasvd_compress_and_save",
-                                       "deltasvd_load_apply_sample"]
-    ui_wf = json.loads(server.get(f"/api/workflow_templates/{PACK}/deltasvd_ab_compare.json",
+    assert sorted(templates[PACK]) == sorted([COMPRESS, APPLY, COMPARE])
+    for name in templates[PACK]:   # the thumbnail the template browser asks for
+        jpg = server.get(f"/api/workflow_templates/{PACK}/{quote(name)}.jpg", raw=True)
+        assert jpg.startswith(b"\xff\xd8\xff"), name
+    ui_wf = json.loads(server.get(f"/api/workflow_templates/{PACK}/{quote(COMPARE)}.json",
                                   raw=True))
     assert {n["type"] for n in ui_wf["nodes"]} >= {"DeltaSVDLoad", "DeltaSVDApply", "KSampler"}
 
@@ -254,7 +263,7 @@ def test_frontend_sees_nodes_extension_docs_and_templates(server):
 @pytest.fixture(scope="module")
 def compressed(server, env):
     """compress-and-save on the two loaded checkpoints (energy 0.5) -> loras/deltas/server."""
-    wf = example("deltasvd_compress_and_save", n1={"ckpt_name": env.tuned},
+    wf = example(COMPRESS, n1={"ckpt_name": env.tuned},
                  n2={"ckpt_name": env.base}, n4={"filename": "deltas/server"},
                  n5={"width": 640, "height": 360})
     entry = server.run(wf)
@@ -302,7 +311,7 @@ def _ulp16(x):
 def test_apply_weights_loraloader_and_sampling(server, env, compressed):
     """Load + Apply, the stock LoraLoader on the same file, the base: their weights as ComfyUI
     loads them for sampling; and a KSampler step at 64x64 on the applied model."""
-    wf = example("deltasvd_load_apply_sample", n1={"ckpt_name": env.base},
+    wf = example(APPLY, n1={"ckpt_name": env.base},
                  n2={"delta_name": "deltas/server.safetensors"},
                  n6={"width": 64, "height": 64}, n7={"steps": 1},
                  n9={"filename_prefix": "deltasvd_test"})
@@ -353,7 +362,7 @@ def test_apply_weights_loraloader_and_sampling(server, env, compressed):
 
 
 def test_ab_workflow_samples_side_by_side(server, env, compressed):
-    wf = example("deltasvd_ab_compare", n1={"ckpt_name": env.tuned}, n2={"ckpt_name": env.base},
+    wf = example(COMPARE, n1={"ckpt_name": env.tuned}, n2={"ckpt_name": env.base},
                  n3={"delta_name": "deltas/server.safetensors"},
                  n9={"width": 64, "height": 64}, n10={"steps": 1}, n11={"steps": 1},
                  n15={"filename_prefix": "deltasvd_ab_test"})
@@ -401,7 +410,7 @@ async def _run_and_cancel(url, workflow, node_id):
 def test_cancel_during_compress_leaves_no_file(server, env, compressed):
     before = files_under(env.loras)
     # another threshold, so ComfyUI's cache cannot answer without running the compress
-    wf = example("deltasvd_compress_and_save", n1={"ckpt_name": env.tuned},
+    wf = example(COMPRESS, n1={"ckpt_name": env.tuned},
                  n2={"ckpt_name": env.base}, n3={"value": 0.45},
                  n4={"filename": "deltas/cancelled"})
     t0 = time.monotonic()
@@ -484,3 +493,33 @@ def test_filename_escaping_loras_is_refused(server, env, compressed):
         assert ("'..'" in errors[0]["details"]) or ("absolute" in errors[0]["details"]), errors
     assert written(env) == before
     assert not (env.root / "models" / "escaped.safetensors").exists()
+
+
+def test_save_onto_existing_file_is_refused_before_the_run(server, env, compressed):
+    """Overwrite off and the file there: /prompt refuses the graph (Save's VALIDATE_INPUTS),
+    so the compress upstream never starts."""
+    before = written(env)
+    wf = example(COMPRESS, n1={"ckpt_name": env.tuned}, n2={"ckpt_name": env.base},
+                 n3={"value": 0.42}, n4={"filename": "deltas/server", "overwrite": False})
+    for spectrum in ("5", "6"):     # Save is the only output left
+        del wf[spectrum]
+    status, body = server.post("/prompt", {"prompt": wf, "client_id": "t"})
+    assert status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation", body
+    errors = body["node_errors"]["4"]["errors"]
+    assert errors[0]["type"] == "custom_validation_failed", errors
+    assert ("loras/deltas/server.safetensors exists; choose another filename or enable "
+            "overwrite") in errors[0]["details"], errors
+    assert written(env) == before
+    assert server.get("/queue")["queue_running"] == []
+
+
+def test_identical_models_are_a_node_error(server, env, compressed):
+    """The core's refusal of an empty delta is an ordinary node error."""
+    before = written(env)
+    wf = example(COMPRESS, n1={"ckpt_name": env.base}, n2={"ckpt_name": env.base},
+                 n4={"filename": "deltas/never"})
+    entry = server.run(wf)
+    (err,) = errors_of(entry)
+    assert err["node_type"] == "DeltaSVDCompress", err
+    assert "nothing changed: every tensor equals the base's" in err["exception_message"], err
+    assert written(env) == before
