@@ -18,7 +18,7 @@ import { api } from "../../scripts/api.js";
 // Each node's box: its height in pixels (tables scroll in it) and whether lines wrap (Save's
 // one line does; a table's columns must not).
 const TABLE = { height: 150, wrap: false };
-export const BOXES = {
+const BOXES = {
   DeltaSVDCompress: TABLE,
   DeltaSVDCompressFiles: TABLE,
   DeltaSVDResize: TABLE,
@@ -165,7 +165,7 @@ function showFailure(node, why) {
 
 // ComfyUI's validation errors, as the frontend keeps them: {node id: {errors: [...]}}. Each
 // input VALIDATE_INPUTS received repeats the message as "<input> - <message>": show it once.
-export function validationMessage(entry) {
+function validationMessage(entry) {
   const seen = new Set();
   for (const e of entry?.errors ?? []) {
     const why = String(e.details || e.message || "").replace(/^\w+ - /, "");
