@@ -90,8 +90,9 @@ class DeltaSVDSave:
             },
             "optional": {
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip":
-                                          "Replace an existing file of that name (otherwise "
-                                          "the node fails and nothing is written)."}),
+                                          "Replace an existing file of that name. Off, an "
+                                          "existing file is refused when the graph is queued, "
+                                          "before anything runs."}),
             },
         }
 
