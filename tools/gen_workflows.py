@@ -27,8 +27,14 @@ DELTA_NAME = "deltas/my_finetune"
 POSITIVE = "a photo of sks dog on a beach, detailed, sharp focus"
 NEGATIVE = "blurry, low quality"
 
+# File names are what the frontend's template browser shows as titles (ComfyUI 0.3.75 lists
+# example_workflows/<name>.json and shows <name>, with <name>.jpg as its thumbnail).
+COMPRESS = "Delta-SVD compress and save"
+APPLY = "Delta-SVD apply and sample"
+COMPARE = "Delta-SVD A-B comparison"
+
 NOTES = {
-    "deltasvd_compress_and_save": (
+    COMPRESS: (
         "## Compress a fine-tune into a LoRA-sized delta\n\n"
         "1. Pick the **fine-tune** and the **base** it was trained from (same family).\n"
         "2. *Delta-SVD Compress* keeps, per layer, the smallest rank reaching `value` of the "
@@ -37,11 +43,11 @@ NOTES = {
         "LoraLoader lists it at once.\n\n"
         "The spectrum plot shows the size each threshold would give. If ComfyUI holds your "
         "models in bf16, use *Delta-SVD Compress (files)* instead (the summary tells you)."),
-    "deltasvd_load_apply_sample": (
+    APPLY: (
         "## Use a delta\n\n*Delta-SVD Apply* patches the base like LoraLoader does with the same "
         "file, plus the text-encoder norms/embeddings LoRA loaders cannot apply. Strength 1 "
         "reproduces the fine-tune."),
-    "deltasvd_ab_compare": (
+    COMPARE: (
         "## A/B: full fine-tune vs compressed delta\n\nSame prompt, same seed: left the full "
         "fine-tune, right base + delta. Lower the threshold until the difference shows."),
 }
@@ -56,65 +62,76 @@ def workflows():
     sampler = {"seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
                "scheduler": "normal", "denoise": 1.0}
     return {
-        "deltasvd_compress_and_save": [
+        COMPRESS: [
             N(1, "CheckpointLoaderSimple", [40, 60], {"ckpt_name": TUNED_CKPT},
-              title="Fine-tune"),
-            N(2, "CheckpointLoaderSimple", [40, 260], {"ckpt_name": BASE_CKPT}, title="Base"),
-            N(3, "DeltaSVDCompress", [420, 60],
+              title="Fine-tune", size=[300, 100]),
+            N(2, "CheckpointLoaderSimple", [40, 230], {"ckpt_name": BASE_CKPT}, title="Base",
+              size=[300, 100]),
+            N(3, "DeltaSVDCompress", [380, 60],
               {"mode": "energy", "value": 0.5, "dtype": "fp16"},
               {"model_tuned": (1, 0), "model_base": (2, 0), "clip_tuned": (1, 1),
-               "clip_base": (2, 1)}, size=[320, 190]),
-            N(4, "DeltaSVDSave", [820, 60], {"filename": DELTA_NAME, "overwrite": False},
-              {"delta": (3, 0)}),
-            N(5, "DeltaSVDSpectrum", [820, 240], {"width": 1024, "height": 560},
-              {"delta": (3, 0)}),
-            N(6, "PreviewImage", [1160, 240], {}, {"images": (5, 0)}, size=[520, 320]),
+               "clip_base": (2, 1)}, size=[500, 340]),
+            N(4, "DeltaSVDSave", [920, 60], {"filename": DELTA_NAME, "overwrite": False},
+              {"delta": (3, 0)}, size=[340, 150]),
+            N(5, "DeltaSVDSpectrum", [920, 280], {"width": 1024, "height": 560},
+              {"delta": (3, 0)}, size=[340, 90]),
+            N(6, "PreviewImage", [1300, 60], {}, {"images": (5, 0)}, size=[560, 360]),
         ],
-        "deltasvd_load_apply_sample": [
-            N(1, "CheckpointLoaderSimple", [40, 60], {"ckpt_name": BASE_CKPT}, title="Base"),
-            N(2, "DeltaSVDLoad", [40, 260], {"delta_name": DELTA_NAME + ".safetensors"}),
+        APPLY: [
+            N(1, "CheckpointLoaderSimple", [40, 60], {"ckpt_name": BASE_CKPT}, title="Base",
+              size=[340, 100]),
+            N(2, "DeltaSVDLoad", [40, 230], {"delta_name": DELTA_NAME + ".safetensors"},
+              size=[340, 240]),
             N(3, "DeltaSVDApply", [420, 60], {"strength_model": 1.0, "strength_clip": 1.0},
-              {"model": (1, 0), "delta": (2, 0), "clip": (1, 1)}),
-            N(4, "CLIPTextEncode", [780, 40], {"text": POSITIVE}, {"clip": (3, 1)},
-              title="Positive"),
+              {"model": (1, 0), "delta": (2, 0), "clip": (1, 1)}, size=[320, 250]),
+            N(4, "CLIPTextEncode", [780, 60], {"text": POSITIVE}, {"clip": (3, 1)},
+              title="Positive", size=[400, 150]),
             N(5, "CLIPTextEncode", [780, 260], {"text": NEGATIVE}, {"clip": (3, 1)},
-              title="Negative"),
-            N(6, "EmptyLatentImage", [780, 470], {"width": 512, "height": 512, "batch_size": 1}),
-            N(7, "KSampler", [1180, 60], sampler,
-              {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}),
-            N(8, "VAEDecode", [1540, 60], {}, {"samples": (7, 0), "vae": (1, 2)}),
-            N(9, "SaveImage", [1540, 180], {"filename_prefix": "deltasvd"}, {"images": (8, 0)},
+              title="Negative", size=[400, 150]),
+            N(6, "EmptyLatentImage", [780, 460], {"width": 512, "height": 512, "batch_size": 1},
+              size=[400, 110]),
+            N(7, "KSampler", [1220, 60], sampler,
+              {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+              size=[320, 270]),
+            N(8, "VAEDecode", [1580, 60], {}, {"samples": (7, 0), "vae": (1, 2)},
+              size=[220, 50]),
+            N(9, "SaveImage", [1580, 150], {"filename_prefix": "deltasvd"}, {"images": (8, 0)},
               size=[400, 440]),
         ],
-        "deltasvd_ab_compare": [
+        COMPARE: [
             N(1, "CheckpointLoaderSimple", [40, 60], {"ckpt_name": TUNED_CKPT},
-              title="A: full fine-tune"),
-            N(2, "CheckpointLoaderSimple", [40, 420], {"ckpt_name": BASE_CKPT}, title="Base"),
-            N(3, "DeltaSVDLoad", [40, 620], {"delta_name": DELTA_NAME + ".safetensors"}),
+              title="A: full fine-tune", size=[340, 100]),
+            N(2, "CheckpointLoaderSimple", [40, 420], {"ckpt_name": BASE_CKPT}, title="Base",
+              size=[340, 100]),
+            N(3, "DeltaSVDLoad", [40, 590], {"delta_name": DELTA_NAME + ".safetensors"},
+              size=[340, 240]),
             N(4, "DeltaSVDApply", [420, 420], {"strength_model": 1.0, "strength_clip": 1.0},
-              {"model": (2, 0), "delta": (3, 0), "clip": (2, 1)}, title="B: base + delta"),
-            N(5, "CLIPTextEncode", [780, 40], {"text": POSITIVE}, {"clip": (1, 1)},
-              title="A positive"),
+              {"model": (2, 0), "delta": (3, 0), "clip": (2, 1)}, title="B: base + delta",
+              size=[320, 250]),
+            N(5, "CLIPTextEncode", [780, 60], {"text": POSITIVE}, {"clip": (1, 1)},
+              title="A positive", size=[400, 130]),
             N(6, "CLIPTextEncode", [780, 240], {"text": NEGATIVE}, {"clip": (1, 1)},
-              title="A negative"),
-            N(7, "CLIPTextEncode", [780, 440], {"text": POSITIVE}, {"clip": (4, 1)},
-              title="B positive"),
-            N(8, "CLIPTextEncode", [780, 640], {"text": NEGATIVE}, {"clip": (4, 1)},
-              title="B negative"),
-            N(9, "EmptyLatentImage", [780, 840], {"width": 512, "height": 512,
-                                                   "batch_size": 1}),
-            N(10, "KSampler", [1180, 40], sampler,
+              title="A negative", size=[400, 130]),
+            N(7, "CLIPTextEncode", [780, 420], {"text": POSITIVE}, {"clip": (4, 1)},
+              title="B positive", size=[400, 130]),
+            N(8, "CLIPTextEncode", [780, 600], {"text": NEGATIVE}, {"clip": (4, 1)},
+              title="B negative", size=[400, 130]),
+            N(9, "EmptyLatentImage", [780, 780], {"width": 512, "height": 512,
+                                                   "batch_size": 1}, size=[400, 110]),
+            N(10, "KSampler", [1220, 60], sampler,
               {"model": (1, 0), "positive": (5, 0), "negative": (6, 0),
-               "latent_image": (9, 0)}, title="A: same seed"),
-            N(11, "KSampler", [1180, 440], sampler,
+               "latent_image": (9, 0)}, title="A: same seed", size=[320, 270]),
+            N(11, "KSampler", [1220, 420], sampler,
               {"model": (4, 0), "positive": (7, 0), "negative": (8, 0),
-               "latent_image": (9, 0)}, title="B: same seed"),
-            N(12, "VAEDecode", [1540, 40], {}, {"samples": (10, 0), "vae": (1, 2)}),
-            N(13, "VAEDecode", [1540, 440], {}, {"samples": (11, 0), "vae": (2, 2)}),
-            N(14, "ImageStitch", [1780, 200], {"direction": "right", "match_image_size": True,
+               "latent_image": (9, 0)}, title="B: same seed", size=[320, 270]),
+            N(12, "VAEDecode", [1580, 60], {}, {"samples": (10, 0), "vae": (1, 2)},
+              size=[220, 50]),
+            N(13, "VAEDecode", [1580, 420], {}, {"samples": (11, 0), "vae": (2, 2)},
+              size=[220, 50]),
+            N(14, "ImageStitch", [1840, 230], {"direction": "right", "match_image_size": True,
                                               "spacing_width": 8, "spacing_color": "white"},
-              {"image1": (12, 0), "image2": (13, 0)}),
-            N(15, "SaveImage", [2100, 200], {"filename_prefix": "deltasvd_ab"},
+              {"image1": (12, 0), "image2": (13, 0)}, size=[300, 160]),
+            N(15, "SaveImage", [2180, 230], {"filename_prefix": "deltasvd_ab"},
               {"images": (14, 0)}, size=[640, 420]),
         ],
     }
