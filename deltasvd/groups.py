@@ -39,7 +39,7 @@ def rel_error(err2, norm2):
     return math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
 
 
-def format_table(rows, total_bytes=None, reference_bytes=None):
+def format_table(rows, total_bytes=None, reference_bytes=None, reference="the tuned weights"):
     """Plain-text table: group, pieces, rank min/median/max, dense, MiB, relative error."""
     w = max([16] + [len(r["group"]) + 1 for r in rows])   # DiT block names run long
     head = f"{'group':<{w}}{'pieces':>7}{'rank min':>9}{'median':>8}{'max':>6}{'dense':>6}" \
@@ -61,5 +61,5 @@ def format_table(rows, total_bytes=None, reference_bytes=None):
     lines.append(total)
     if reference_bytes:
         lines.append(f"compression ratio {reference_bytes / max(size, 1):.1f}x against "
-                     f"{reference_bytes / 2**20:.1f} MiB of tuned weights")
+                     f"{reference} ({reference_bytes / 2**20:.1f} MiB)")
     return "\n".join(lines)

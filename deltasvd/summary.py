@@ -30,9 +30,17 @@ def _bits_line(delta, file_bytes):
             f"{delta_params(delta):,} changed values)")
 
 
+def ratio_reference(delta):
+    """What the delta's `tuned_bytes` measured: the tuned checkpoint file when the delta was
+    made from files (only then is it fingerprinted), else the weights as a host held them in
+    memory (ComfyUI's Compress (models)), which can be larger than the file (an fp32 text
+    encoder) or smaller (no VAE)."""
+    return "the tuned file" if delta.info.get("tuned_sha256") else "the weights in memory"
+
+
 def group_table(delta, file_bytes=None, reference_bytes=None):
     rows = group_rows(delta.records, lambda rec: record_bytes(delta, rec), delta.family)
-    return format_table(rows, file_bytes, reference_bytes)
+    return format_table(rows, file_bytes, reference_bytes, ratio_reference(delta))
 
 
 def compress_summary(delta, counts, file_bytes, tuned_bytes):

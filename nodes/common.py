@@ -11,6 +11,7 @@ from ..deltasvd.compress import relative_error
 from ..deltasvd.delta_file import FACTORED_KINDS, file_size
 from ..deltasvd.errors import DeltaError
 from ..deltasvd.ranks import RankRule
+from ..deltasvd.summary import ratio_reference
 
 DELTA = "DELTA"          # a deltasvd.delta_file.Delta, in memory
 CATEGORY = "deltasvd"
@@ -134,14 +135,6 @@ def stats(delta, size=None, name="delta"):
         out["ratio"] = round(tuned / max(size, 1), 1)
         out["ratio_against"] = f"{ratio_reference(delta)} ({tuned / 2**20:.1f} MiB)"
     return out
-
-
-def ratio_reference(delta):
-    """What the delta's `tuned_bytes` measured: the tuned checkpoint file when the delta was
-    made from files (only then is it fingerprinted), else the weights as ComfyUI held them in
-    memory (Compress (models)), which can be larger than the file (fp32 text encoder) or
-    smaller (no VAE)."""
-    return "the tuned file" if delta.info.get("tuned_sha256") else "the weights in memory"
 
 
 def _float(v):

@@ -98,8 +98,7 @@ class DeltaSVDCompress:
         text = compress_summary(delta, counts, size, tuned_bytes)
         parts = "UNet and text encoder" if clip_tuned is not None else "UNet"
         text += (f"\ninputs: the weights ComfyUI holds in memory ({parts}; the VAE is not "
-                 "compared); the compression ratio is against the weights in memory, not the "
-                 "checkpoint file")
+                 "compared)")
         if note:
             text += "\n" + note
             log.warning("DeltaSVDCompress: %s", note)
@@ -210,5 +209,4 @@ class DeltaSVDCompressFiles:
             comfy_models.cleanup()
         size = delta_bytes(delta)
         text = compress_summary(delta, counts, size, tuned_bytes)
-        text += f"\nthe compression ratio is against the tuned file on disk ({ckpt_tuned})"
         return {"ui": ui(text, stats(delta, size)), "result": (delta, text)}

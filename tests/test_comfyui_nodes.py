@@ -158,7 +158,7 @@ def test_compress_loaded_models_equals_core_on_files(made, made_files):
     for k in want.extras:
         assert torch.equal(delta.extras[k], want.extras[k]), k
     assert "rel.err" in text and "compression ratio" in text
-    assert "the compression ratio is against the weights in memory, not the checkpoint" in text
+    assert "x against the weights in memory (" in text
     assert "PRECISION" not in text   # fp16 files held in fp16
     info = made["ui"]["deltasvd"][0]
     assert info["size_mb"] > 0 and info["ratio"] > 10 and 0 < info["rel_error"] < 1
@@ -276,7 +276,7 @@ def test_compress_files_node(host, pair, made_files):
     delta, text = result(made_files)
     assert delta.info["tuned_name"] == tuned and len(delta.info["base_sha256"]) == 64
     assert "compression ratio" in text
-    assert f"the compression ratio is against the tuned file on disk ({tuned})" in text
+    assert "x against the tuned file (" in text
     info = made_files["ui"]["deltasvd"][0]
     assert info["ratio"] > 10
     size = os.path.getsize(pair.tuned_path) / 2**20
