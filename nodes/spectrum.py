@@ -116,13 +116,15 @@ def render(delta, width=1024, height=560):
         x, y = left.px(max(rmax, 2), threshold)
         d.text((x - 4, y - 4), f"threshold {threshold:g}", fill=FG, font=small, anchor="rb")
     lx, ly = split - 140, top
+    d.text((lx, ly), "group (matrix pieces, rank ~)", fill=FG, font=small)   # the legend's key
+    ly += small.size + 5 if hasattr(small, "size") else 16
     for i, c in enumerate(curves):
         color = PALETTE[i % len(PALETTE)]
         left.line(c.ranks, c.kept, color)
         r = max(min(c.chosen, len(c.kept)), 1)
         left.dot(r, float(c.kept[r - 1]), color)
         d.rectangle([lx, ly + 3, lx + 12, ly + 13], fill=color)
-        d.text((lx + 16, ly), f"{c.group} ({c.layers}, r~{c.chosen})", fill=FG, font=small)
+        d.text((lx + 16, ly), f"{c.group} ({c.layers}, ~{c.chosen})", fill=FG, font=small)
         ly += small.size + 5 if hasattr(small, "size") else 16
 
     # right: file size against threshold
