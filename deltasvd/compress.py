@@ -521,20 +521,19 @@ class Compressor:
         return self._code_read(key, base.get(key), tuned.get(key), base, tuned, fixed_ranks)
 
     def _code_read(self, key, b, t, base, tuned, fixed_ranks):
+        where = getattr(tuned, "path", None)     # a host's loaded model has no file
         try:
             return self._coded(key, b, t, base, tuned, fixed_ranks)
         except DeltaError as e:
             if e.path is not None:
                 raise
-            raise DeltaError(e.message, tuned.path, e.tensor or key) from None
+            raise DeltaError(e.message, where, e.tensor or key) from None
         except MemoryError:
-            raise DeltaError("out of memory while compressing this tensor", tuned.path,
-                             key) from None
+            raise DeltaError("out of memory while compressing this tensor", where, key) from None
         except RuntimeError as e:   # torch's allocator says so in a RuntimeError
             if "alloc" not in str(e):
                 raise
-            raise DeltaError("out of memory while compressing this tensor", tuned.path,
-                             key) from None
+            raise DeltaError("out of memory while compressing this tensor", where, key) from None
 
     def _coded(self, key, b, t, base, tuned, fixed_ranks):
         pd = pair_delta(key, b, t, base, tuned)
