@@ -30,6 +30,7 @@ DTYPE_TO_ST = {
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 ITEMSIZE = {st: torch.empty((), dtype=dt).element_size() for st, dt in ST_TO_DTYPE.items()}
 HEADER_LIMIT = 100_000_000  # the limit safetensors itself enforces
+OVERWRITE_HINT = "pass --overwrite to replace it"   # a page words it its own way (ui_actions)
 
 
 def open_input(path):
@@ -256,12 +257,9 @@ def check_output_path(path, overwrite=False, inputs=()):
             raise DeltaError("output is one of the inputs; refusing to overwrite an input", path)
     if os.path.isdir(path):
         raise DeltaError("output is a folder", path)
-    if os.path.exists(path) and not os.path.isfile(path):
-        # even with --overwrite: replacing /dev/null with a file, run as root, breaks a system
-        raise DeltaError("output exists and is not a regular file (a device, pipe or socket); "
-                         "refusing to replace it", path)
+    _refuse_special(path)
     if os.path.exists(path) and not overwrite:
-        raise DeltaError("output exists (pass --overwrite to replace it)", path)
+        raise DeltaError(f"output exists ({OVERWRITE_HINT})", path)
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise DeltaError("output folder does not exist", folder)
@@ -270,6 +268,13 @@ def check_output_path(path, overwrite=False, inputs=()):
     except OSError as e:
         raise DeltaError(f"cannot write in the output's folder ({e.strerror})", path) from None
     return path
+
+
+def _refuse_special(path):
+    """Even with --overwrite: replacing /dev/null with a file, run as root, breaks a system."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DeltaError("output exists and is not a regular file (a device, pipe or socket); "
+                         "refusing to replace it", path)
 
 
 @contextmanager
@@ -298,18 +303,18 @@ def atomic_output(path, overwrite=False, inputs=()):
 
 def _publish(tmp, path, overwrite):
     if overwrite:
-        check_output_path(path, overwrite)   # still not a device: it may have become one
+        _refuse_special(path)   # it may have become a device since the start
         os.replace(tmp, path)
         return
+    appeared = DeltaError("output appeared while working (another run?); it was left as it "
+                          f"is ({OVERWRITE_HINT})", path)
     try:    # a hard link never replaces: the name is taken atomically, or not at all
         os.link(tmp, path)
     except FileExistsError:
-        raise DeltaError("output appeared while working (another run?); it was left as it "
-                         "is (pass --overwrite to replace it)", path) from None
+        raise appeared from None
     except OSError:            # a file system without hard links: check, then rename
         if os.path.lexists(path):
-            raise DeltaError("output appeared while working (another run?); it was left as "
-                             "it is (pass --overwrite to replace it)", path) from None
+            raise appeared from None
         os.replace(tmp, path)
         return
     os.remove(tmp)

@@ -14,6 +14,7 @@ from .api import compress_files, resize_file
 from .delta_file import read_delta
 from .errors import DeltaError
 from .explorer import Explorer
+from .safetensors_io import OVERWRITE_HINT as CLI_OVERWRITE_HINT
 from .safetensors_io import check_output_path
 from .summary import inspect_text
 
@@ -127,9 +128,9 @@ def page_words():
     try:
         yield
     except DeltaError as e:
-        if "--overwrite" not in e.message:
+        if CLI_OVERWRITE_HINT not in e.message:
             raise
-        raise DeltaError(e.message.replace("pass --overwrite to replace it", OVERWRITE_HINT),
+        raise DeltaError(e.message.replace(CLI_OVERWRITE_HINT, OVERWRITE_HINT),
                          e.path, e.tensor) from None
 
 
