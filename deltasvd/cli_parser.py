@@ -11,8 +11,8 @@ from .ranks import MODES, RankRule
 from .errors import UsageError
 
 EXIT_USAGE = 2
-NO_VERIFY = ("skip checking the delta's tensor data against the sha256 it records (one read "
-             "of the file, for speed; its records and values are still checked)")
+NO_VERIFY = ("skip checking the delta's tensor data against the sha256 it records (one hash "
+             "of the data, for speed; its records and values are still checked)")
 DTYPES = ["fp16", "bf16", "fp32"]
 
 

@@ -40,10 +40,10 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from .errors import DeltaError
 from . import dct_codec, quant
 from .delta_checks import check_finite, check_parts, check_records, check_spectra
-from .safetensors_io import HEADER_LIMIT, SafeTensorsFile, tensor_data_sha256, write_tensors
+from .errors import DeltaError
+from .safetensors_io import HEADER_LIMIT, SafeTensorsFile, data_sha256, write_tensors
 
 FORMAT = "deltasvd"
 VERSION = "1"
@@ -288,10 +288,10 @@ def read_delta(path, verify=True):
     """Read a deltasvd file; a LoRA file of another tool or an unknown codec is refused, and so
     is a file whose bytes, records, spectra or tensors do not hold together (delta_checks.py),
     each check before anything is computed from what it checks. `verify`: check the tensor
-    data against the sha256 the file records (False skips the one read of the file it costs)."""
-    meta, codec, tensors = _read_file(path)
-    if verify:
-        _verify_hash(path, meta)
+    data against the sha256 the file records (False skips the one hash of the data it costs)."""
+    meta, codec, tensors, data_order = _read_file(path)
+    if verify:   # hashed from the bytes just read (the tensors tile the data section exactly)
+        _verify_hash(path, meta, lambda: data_sha256({k: tensors[k] for k in data_order}))
     check_finite(tensors, path)
     coded_extras = {}
     if codec != "svd":
@@ -323,7 +323,8 @@ def read_delta(path, verify=True):
 
 
 def _read_file(path):
-    """(metadata, codec, {file tensor name: tensor}) of a deltasvd file."""
+    """(metadata, codec, {file tensor name: tensor}, the names in the order of their bytes)
+    of a deltasvd file."""
     with SafeTensorsFile(path) as f:
         meta = f.metadata
         if meta.get("deltasvd.format") != FORMAT:
@@ -337,12 +338,13 @@ def _read_file(path):
             raise DeltaError(f"unknown codec {codec!r}: this deltasvd reads "
                              f"{', '.join(KNOWN_CODECS)}; update deltasvd", path)
         tensors = {k: f.get(k) for k in f.keys()}
+        data_order = sorted(tensors, key=lambda k: f.header[k]["data_offsets"])
     if codec != "svd":
         plain = [k for k in tensors if not k.startswith(CODED_PREFIX)]
         if plain:
             raise DeltaError(f"corrupt {codec} delta: tensor name without the "
                              f"{CODED_PREFIX!r} prefix", path, plain[0])
-    return meta, codec, tensors
+    return meta, codec, tensors, data_order
 
 
 @contextmanager
@@ -364,13 +366,14 @@ def _load_extras(raw):
             from None
 
 
-def _verify_hash(path, meta):
+def _verify_hash(path, meta, data_hash):
     """The tensor-data sha256 the file records (sshs_model_hash, what A1111 shows as its
-    hash) against its bytes: a flipped bit or an edited tensor is caught here."""
+    hash) against `data_hash()`, that of its bytes: a flipped bit or an edited tensor is
+    caught here."""
     want = meta.get("sshs_model_hash")
     if not want:
         return
-    got = tensor_data_sha256(path)
+    got = data_hash()
     if got != want:
         raise DeltaError(f"its tensor data does not match the sha256 it records "
                          f"(sshs_model_hash {want[:12]}…, the bytes give {got[:12]}…): the "
