@@ -142,7 +142,5 @@ def inspect_text(delta, file_bytes):
     lines.append(f"size      {_bits_line(delta, file_bytes)}")
     if "resized_from" in info:
         lines.append(f"resized   from {info['resized_from']}")
-    if is_coded(delta):
-        lines.append(NOT_A_LORA)
     tuned_bytes = int(info.get("tuned_bytes") or 0) or None
     return "\n".join(lines) + "\n\n" + group_table(delta, file_bytes, tuned_bytes)
