@@ -1,9 +1,9 @@
 // Delta-SVD frontend extension.
 //
-// * Each Delta-SVD node that reports (Compress, Resize, Load, Apply, Save) carries a summary
-//   box of a fixed height from the moment it is created: a headline (file size, ratio and what
-//   it is against, error, ranks; Apply: what was applied) over the full summary, which scrolls
-//   inside the box. A run never resizes a node, so it cannot grow over its neighbours. The box
+// * Each Delta-SVD node that reports (Compress, Resize, Load, Apply, Save, Compare) carries a
+//   summary box of a fixed height from the moment it is created: a headline (file size, ratio
+//   and what it is against, error, ranks; Apply: what was applied; Compare: the mean scores)
+//   over the full summary, which scrolls inside the box. A run never resizes a node, so it cannot grow over its neighbours. The box
 //   is never saved in the workflow (serialize: false): workflows load without this extension.
 // * Queueing dims the boxes (their numbers are the previous run's); a node refused before the
 //   run (ComfyUI's validation: Save onto an existing file) or failing in it says why instead.
@@ -25,6 +25,7 @@ const BOXES = {
   DeltaSVDLoad: TABLE,
   DeltaSVDApply: { height: 120, wrap: false },
   DeltaSVDSave: { height: 56, wrap: true },
+  DeltaSVDCompare: { height: 120, wrap: false },
 };
 const WIDGET = "deltasvd_summary";
 const ERROR_COLOR = "var(--error-text, #f88)";
@@ -41,6 +42,7 @@ function num(v, digits) {
 export function headline(s) {
   if (!s) return "";
   if (s.applied !== undefined) return appliedHeadline(s);
+  if (s.ssim_mean !== undefined) return compareHeadline(s);
   const parts = [];
   if (s.size_mb !== undefined) parts.push(`${num(s.size_mb, 2)} MiB`);
   if (s.ratio !== undefined) {
@@ -62,6 +64,17 @@ function appliedHeadline(s) {
   const missed = (s.unmatched || 0) + (s.extras_unmatched || 0);
   if (missed) parts.push(`${missed} NOT applied (see below)`);
   if (s.size_mb !== undefined) parts.push(`delta ${num(s.size_mb, 2)} MiB`);
+  return parts.join("  |  ");
+}
+
+// Compare: the means, and the picture furthest from its reference. PSNR comes as the string
+// "inf" when every picture is identical (JSON has no infinity).
+function compareHeadline(s) {
+  const parts = [`mean SSIM ${num(s.ssim_mean, 4)}`, `mean PSNR ${num(s.psnr_mean, 2)} dB`];
+  if (s.pictures > 1) {
+    parts.push(`lowest SSIM ${num(s.ssim_min, 4)} (picture ${s.ssim_min_picture})`);
+  }
+  parts.push(`${s.pictures} picture${s.pictures === 1 ? "" : "s"}`);
   return parts.join("  |  ");
 }
 

@@ -3,6 +3,7 @@
 Node ids are a public contract (saved workflows refer to them): never rename one."""
 
 from .apply import DeltaSVDApply, DeltaSVDResize
+from .compare import DeltaSVDCompare
 from .compress import DeltaSVDCompress, DeltaSVDCompressFiles
 from .files import DeltaSVDLoad, DeltaSVDSave
 from .spectrum import DeltaSVDSpectrum
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "DeltaSVDApply": DeltaSVDApply,
     "DeltaSVDResize": DeltaSVDResize,
     "DeltaSVDSpectrum": DeltaSVDSpectrum,
+    "DeltaSVDCompare": DeltaSVDCompare,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DeltaSVDCompress": "Delta-SVD Compress (models)",
@@ -24,4 +26,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DeltaSVDApply": "Delta-SVD Apply",
     "DeltaSVDResize": "Delta-SVD Resize",
     "DeltaSVDSpectrum": "Delta-SVD Spectrum",
+    "DeltaSVDCompare": "Delta-SVD Compare",
 }

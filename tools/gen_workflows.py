@@ -49,7 +49,9 @@ NOTES = {
         "reproduces the fine-tune."),
     COMPARE: (
         "## A/B: full fine-tune vs compressed delta\n\nSame prompt, same seed: left the full "
-        "fine-tune, right base + delta. Lower the threshold until the difference shows."),
+        "fine-tune, right base + delta. *Delta-SVD Compare* scores right against left: SSIM "
+        "(1 = identical) and PSNR (dB, higher is closer), per picture and on average. Raise "
+        "the batch size for more pictures; lower the threshold until the difference shows."),
 }
 
 
@@ -133,6 +135,8 @@ def workflows():
               {"image1": (12, 0), "image2": (13, 0)}, size=[300, 160]),
             N(15, "SaveImage", [2180, 230], {"filename_prefix": "deltasvd_ab"},
               {"images": (14, 0)}, size=[640, 420]),
+            N(16, "DeltaSVDCompare", [1840, 480], {},
+              {"reference": (12, 0), "candidate": (13, 0)}, size=[320, 230]),
         ],
     }
 
