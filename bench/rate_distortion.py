@@ -51,6 +51,7 @@ from deltasvd.checkpoint import open_pair  # noqa: E402
 from deltasvd.compress import (Counts, _complete_modules, _module_index, code_exact,  # noqa: E402
                                plan_keys, read_deltas, split_pieces, trim_to_size)
 from deltasvd.delta_file import Delta, file_size, lora_parts, tensor_names  # noqa: E402
+from deltasvd.measures import layer_weight  # noqa: E402
 from deltasvd.ranks import RankRule, allocate_budget, is_dense  # noqa: E402
 
 ENERGY = (0.06, 0.2, 0.35, 0.5, 0.7, 0.85)
@@ -192,9 +193,9 @@ def run(base_path, tuned_path, samples, log):
     modules = _module_index(base)
     t_read = time.perf_counter()
     compute = 0.0
-    for key, delta in read_deltas(base, tuned, keys, counts):
+    for key, delta, rows2 in read_deltas(base, tuned, keys, counts):
         t0 = time.perf_counter()
-        for j, piece in enumerate(split_pieces(key, delta, base, family)):
+        for j, piece in enumerate(split_pieces(key, delta, base, family, rows2)):
             rec = piece.rec
             totals["params"] += int(np.prod(rec.shape))
             if rec.kind == "exact":
@@ -307,8 +308,9 @@ def run(base_path, tuned_path, samples, log):
         reserved = fixed + sum(4 * p["diff"].numel() for _, p in exact) + n_vals * 2 * 4 / 3 \
             + 250 * (len(layers) + len(exact))
         budget = (mb * 2**20 - reserved) * 1.05
-        alloc = allocate_budget([(ly.s, sum(ly.rec.matrix_shape) * 2 + 11) for ly in layers],
-                                budget)
+        alloc = allocate_budget([(ly.s, sum(ly.rec.matrix_shape) * 2 + 11,
+                                  layer_weight(ly.rec.base2, float(np.sum(ly.s ** 2))))
+                                 for ly in layers], budget)
         for rec, parts in exact:
             st.add(replace(rec), parts)
         kept = []

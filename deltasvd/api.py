@@ -2,7 +2,7 @@
 
 import os
 
-from .compress import Codec, Compressor, trim_to_size
+from .compress import Codec, Compressor, check_max_error, trim_to_size
 from .convert import to_lora
 from .delta_file import file_size, is_coded, read_delta, write_delta
 from .errors import DeltaError
@@ -46,9 +46,12 @@ def analyse_pair(base, tuned, dtype="fp16", device="cpu", progress=None, allow_p
 
 
 def fit_size(delta, rule, name):
-    """Size mode: trim the coded delta until its file, named `name`, fits the budget exactly."""
+    """Size mode: trim the coded delta until its file, named `name`, fits the budget exactly.
+    Max-error mode: check the written factors meet the target."""
     if rule is not None and rule.mode == "size_mb":
-        trim_to_size(delta, rule.value * 2**20, lambda d: file_size(d, host_meta_fn(d, name)))
+        trim_to_size(delta, rule.value * 2**20, lambda d: file_size(d, host_meta_fn(d, name)),
+                     rule.objective)
+    check_max_error(delta, rule)
 
 
 def save_delta(delta, path, overwrite=False, inputs=()):

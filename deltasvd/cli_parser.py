@@ -6,7 +6,7 @@ import math
 import sys
 
 from . import __version__
-from .limits import DCT_MAX_BITS, FACTOR_MAX_BITS
+from .limits import DCT_MAX_BITS, FACTOR_MAX_BITS, STORAGE_ROUNDING
 from .ranks import MODES, RankRule
 from .errors import UsageError
 
@@ -49,7 +49,7 @@ def finite(text):
     return value
 
 
-def _add_rule_args(p, required=True, size=True):
+def _add_rule_args(p, required=True, size=True, error=False):
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--energy", type=finite, metavar="T",
                    help="smallest rank with sum(s[:t]) / sum(s) >= T (the paper's rule), 0<T<=1")
@@ -58,7 +58,12 @@ def _add_rule_args(p, required=True, size=True):
     g.add_argument("--rank", type=int, metavar="R", help="a fixed rank for every layer")
     if size:
         g.add_argument("--size-mb", type=finite, metavar="M",
-                       help="a total file size in MiB; ranks allocated to minimise total error")
+                       help="a total file size in MiB; ranks shared out over all layers to "
+                       "minimise the weight-relative error (README: Choosing a setting)")
+    if error:
+        g.add_argument("--max-error", type=finite, metavar="E",
+                       help="the smallest file whose weight-relative error is at most E, "
+                       "0<E<1 (README: Choosing a setting)")
     p.add_argument("--min-rank", type=int, default=1, help="lower clamp on every rank")
     p.add_argument("--max-rank", type=int, default=None,
                    help="upper clamp on every rank (none: no clamp)")
@@ -86,13 +91,18 @@ def codec_problem(args):
             return f"--bits must lie in (0, {DCT_MAX_BITS}]"
         return None
     if not has_rule:
-        return "--codec svd needs one of --energy, --fro, --rank, --size-mb"
+        return "--codec svd needs one of --energy, --fro, --rank, --size-mb, --max-error"
     if args.bits is not None:
         return "--bits is for --codec dct; quantized factors: --factor-bits"
     if args.factor_bits is not None and not 1 <= args.factor_bits <= FACTOR_MAX_BITS:
         return f"--factor-bits must lie in 1..{FACTOR_MAX_BITS}"
-    if args.factor_bits is not None and args.size_mb is not None:
-        return "--size-mb works with plain factors only (not --factor-bits)"
+    floor = STORAGE_ROUNDING.get(args.dtype, 0.0)
+    if args.max_error is not None and 0 < args.max_error <= floor:
+        return (f"--max-error {args.max_error:g} is below what {args.dtype} factors can hold "
+                f"(their rounding alone is about {floor:g}); use --dtype fp32 or a larger target")
+    for option, value in (("--size-mb", args.size_mb), ("--max-error", args.max_error)):
+        if args.factor_bits is not None and value is not None:
+            return f"{option} works with plain factors only (not --factor-bits)"
     return None
 
 
@@ -122,7 +132,7 @@ def _compress(sub):
     c.add_argument("base", help="the model the fine-tune was made from (.safetensors)")
     c.add_argument("tuned", help="the fine-tuned model (.safetensors)")
     _output(c, "delta file")
-    _add_rule_args(c, required=False)
+    _add_rule_args(c, required=False, error=True)
     c.add_argument("--codec", default="svd", choices=["svd", "dct"],
                    help="svd: LoRA-format factors; dct: Delta-DCT (needs --bits)")
     c.add_argument("--bits", type=finite, metavar="B",

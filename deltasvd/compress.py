@@ -23,7 +23,9 @@ from .blas_threads import blas_threads
 from .checkpoint import is_ignored, open_pair
 from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, lora_parts, store_parts, tensor_names
 from .errors import DeltaError
-from .ranks import RankRule, allocate_budget
+from .limits import STORAGE_ROUNDING
+from .measures import layer_weight, weighted_error
+from .ranks import RankRule, allocate_budget, allocate_error
 from .safetensors_io import file_sha256, tensor_data_sha256
 from .spill import SpillFile
 
@@ -162,6 +164,7 @@ class PairDelta:
     raw_norm: float = 0.0     # rounded: |tuned - base| before rounding the base ...
     kept_norm: float = 0.0    # ... and after (what storage rounding does not explain)
     base_coarser: bool = False  # the base is stored in less precision than the fine-tune
+    base_rows2: torch.Tensor = None  # squared norm of each base row (float64): measures.py
 
     def __post_init__(self):
         self.changed = self.delta is not None
@@ -182,7 +185,14 @@ def pair_delta(key, b, t, base, tuned):
     delta = (t.to(work) - b.to(work)).float()
     _check_finite(delta, b, t, base, tuned, key)
     kept = float(torch.linalg.vector_norm(delta)) if rounded else 0.0
-    return PairDelta(key, delta, rounded, raw_norm, kept, coarser)
+    return PairDelta(key, delta, rounded, raw_norm, kept, coarser, _row_norms2(b))
+
+
+def _row_norms2(b):
+    """Squared norm of each row (each element of a 1-D tensor), float64: split pieces take
+    their rows' share."""
+    rows = b.reshape(b.shape[0], -1) if b.ndim else b.reshape(1, 1)
+    return rows.double().pow(2).sum(dim=1)
 
 
 def _like_with_like(key, b, t, base, tuned, b_dtype, t_dtype):
@@ -228,12 +238,12 @@ def count_pair(counts, pd):
 
 
 def read_deltas(base, tuned, keys, counts, progress=None):
-    """Yield (key, float32 delta) for changed keys, counting every pair."""
+    """Yield (key, float32 delta, base row norms) for changed keys, counting every pair."""
     for key, b, t in read_pairs(base, tuned, keys, progress):
         pd = pair_delta(key, b, t, base, tuned)
         count_pair(counts, pd)
         if pd.changed:
-            yield key, pd.delta
+            yield key, pd.delta, pd.base_rows2
 
 
 def _is_norm(base, key, param):
@@ -241,14 +251,18 @@ def _is_norm(base, key, param):
     return weight_key in base.key_map and len(base.shape(weight_key)) == 1
 
 
-def split_pieces(key, delta, base, family):
+def split_pieces(key, delta, base, family, base_rows2=None):
     """The records one changed checkpoint tensor becomes. Norm layers are stored as w_norm /
-    b_norm pairs only where A1111's rules apply; elsewhere a 1-D delta is a `.diff`."""
+    b_norm pairs only where A1111's rules apply; elsewhere a 1-D delta is a `.diff`.
+    `base_rows2` (pair_delta's) gives each record its base weight's squared norm."""
     fam = families.family(family)
     tgts = fam.targets(key, tuple(delta.shape), base.key_map)
+    base2 = (lambda rows: None) if base_rows2 is None else (
+        lambda rows: float(base_rows2[slice(*rows) if rows else slice(None)].sum()))
     if tgts is None:
         kind = "exact" if delta.ndim <= 1 else "svd"
-        rec = LayerRecord(name=key, key=key, shape=list(delta.shape), kind=kind, extra=True)
+        rec = LayerRecord(name=key, key=key, shape=list(delta.shape), kind=kind, extra=True,
+                          base2=base2(None))
         return [Piece(rec, delta)]
     pieces = []
     for tg in tgts:
@@ -256,7 +270,8 @@ def split_pieces(key, delta, base, family):
         kind = "exact" if data.ndim <= 1 else "svd"
         rec = LayerRecord(name=tg.module, key=key, shape=list(data.shape), kind=kind,
                           param=tg.param, rows=list(tg.rows) if tg.rows else None,
-                          norm=fam.a1111 and _is_norm(base, key, tg.param))
+                          norm=fam.a1111 and _is_norm(base, key, tg.param),
+                          base2=base2(tg.rows))
         pieces.append(Piece(rec, data))
     return pieces
 
@@ -319,28 +334,63 @@ def code_dct(piece, bits):
 
 
 def _pass1_spectra(base, tuned, keys, counts, device, progress):
-    """Size mode, pass 1: every matrix piece's spectrum (values only)."""
-    spectra = {}
-    for key, delta in read_deltas(base, tuned, keys, counts, progress):
-        for j, piece in enumerate(split_pieces(key, delta, base, base.family)):
-            if piece.rec.kind == "svd":
+    """Whole-file modes, pass 1: every matrix piece's spectrum (values only), shape, base norm
+    and delta norm; and the weighted squared norm of the pieces stored exactly (no error, but
+    part of the whole the weight-relative error is measured against)."""
+    spectra, exact = {}, 0.0
+    for key, delta, rows2 in read_deltas(base, tuned, keys, counts, progress):
+        for j, piece in enumerate(split_pieces(key, delta, base, base.family, rows2)):
+            rec = piece.rec
+            if rec.kind == "svd":
                 dec = spectrum.gram_spectrum(spectrum.as_matrix(piece.data).to(device),
                                                 keep_vectors=False)
-                spectra[(key, j)] = (dec.s, piece.rec.shape)
-    return spectra
+                spectra[(key, j)] = (dec.s, rec.shape, rec.base2, dec.fro2)
+            else:
+                norm2 = float(piece.data.double().pow(2).sum())
+                exact += layer_weight(rec.base2, norm2) * norm2
+    return spectra, exact
+
+
+def _layers(spectra, rule, esize):
+    """allocate_budget's / allocate_error's (s, cost, weight) per piece, and the weighted error
+    past a --max-rank cap, which no allocation removes."""
+    layers, capped = [], 0.0
+    for s, shape, base2, fro2 in spectra.values():
+        d, k = shape[0], int(np.prod(shape[1:]))
+        w = layer_weight(base2, fro2) if rule.objective == "weight" else 1.0
+        if rule.max_rank:
+            capped += w * float(np.sum(s[rule.max_rank:] ** 2))
+            s = s[: rule.max_rank]
+        layers.append((s, (d + k) * esize + 11, w))  # + the float64 spectrum head, base64'd
+    return layers, capped
 
 
 def _budget_ranks(spectra, rule, dtype, budget_bytes):
     """Allocate ranks for size mode. Header and 1-D tensors are reserved before the call."""
-    esize = torch.empty((), dtype=dtype).element_size()
-    items = list(spectra.items())
-    layers = []
-    for _, (s, shape) in items:
-        d, k = shape[0], int(np.prod(shape[1:]))
-        s = s[: rule.max_rank] if rule.max_rank else s
-        layers.append((s, (d + k) * esize + 11))  # + the float64 spectrum head, base64'd
-    ranks = allocate_budget(layers, budget_bytes)
-    return {key: r for (key, _), r in zip(items, ranks)}
+    layers, _ = _layers(spectra, rule, torch.empty((), dtype=dtype).element_size())
+    return dict(zip(spectra, allocate_budget(layers, budget_bytes)))
+
+
+def _error_ranks(spectra, exact, rule, dtype_name):
+    """Allocate ranks for max-error mode: the cheapest whose estimated weight-relative error
+    is within the target, less room for the storage rounding the estimate leaves out."""
+    layers, capped = _layers(spectra, rule, STORAGE_DTYPES[dtype_name].itemsize)
+    whole = exact + sum(w * float(np.sum(s * s)) for s, _, w in layers) + capped
+    target = rule.value ** 2 - STORAGE_ROUNDING[dtype_name] ** 2
+    if target <= 0:
+        raise DeltaError(f"--max-error {_fmt(rule.value)} is below what {dtype_name} "
+                         f"factors can hold (their rounding alone is about "
+                         f"{STORAGE_ROUNDING[dtype_name]:g}); use --dtype fp32 or a larger "
+                         "target")
+    ranks = allocate_error(layers, target * whole, capped)
+    if ranks is None:
+        least = math.sqrt(capped / whole) if whole > 0 else 0.0
+        raise DeltaError(f"--max-error {_fmt(rule.value)} cannot be met with --max-rank "
+                         f"{rule.max_rank}: its least weight-relative error is {least:.4f}")
+    if not any(ranks):
+        raise DeltaError(f"--max-error {_fmt(rule.value)} needs no factors at all: the 1-D "
+                         "changes, stored exactly, already meet it; ask for a smaller error")
+    return dict(zip(spectra, ranks))
 
 
 class Codec:
@@ -377,7 +427,8 @@ class Compressor:
         elif rule is None:
             raise DeltaError("the svd codec needs a rank rule")
         elif not rule.per_layer and self.codec.factor_bits:
-            raise DeltaError("--size-mb works with plain factors only (not --factor-bits)")
+            raise DeltaError(f"--{rule.mode.replace('_', '-')} works with plain factors only "
+                             "(not --factor-bits)")
         self.rule = rule
         self.dtype = storage_dtype(dtype)
         self.dtype_name = dtype
@@ -440,7 +491,10 @@ class Compressor:
 
     def _allocate(self, base, tuned, keys):
         counts = Counts()
-        spectra = _pass1_spectra(base, tuned, keys, counts, self.device, self._progress("scan"))
+        spectra, exact = _pass1_spectra(base, tuned, keys, counts, self.device,
+                                        self._progress("scan"))
+        if self.rule.mode == "max_error":
+            return _error_ranks(spectra, exact, self.rule, self.dtype_name)
         budget = self.rule.value * 2**20 - _reserved_bytes(spectra, base, tuned, keys)
         if budget <= 0:
             raise DeltaError(f"--size-mb {self.rule.value} is smaller than the fixed part of "
@@ -540,7 +594,7 @@ class Compressor:
         del b, t
         if not pd.changed:
             return pd, []
-        pieces = split_pieces(key, pd.delta, base, base.family)
+        pieces = split_pieces(key, pd.delta, base, base.family, pd.base_rows2)
         pd.delta = None        # the pieces hold what is needed of it
         return pd, self._code_key(key, pieces, fixed_ranks)
 
@@ -603,7 +657,7 @@ def _fingerprint(path):
 def _reserved_bytes(spectra, base, tuned, keys):
     """Bytes of the file that do not depend on ranks: header, spectra, 1-D deltas. An estimate
     on the lean side: OVERSHOOT and trim_to_size make the fit exact."""
-    n_values = sum(min(shape[0], int(np.prod(shape[1:]))) for s, shape in spectra.values())
+    n_values = sum(min(shape[0], int(np.prod(shape[1:]))) for _, shape, *_ in spectra.values())
     one_d = sum(4 * int(np.prod(tuned.shape(k))) for k in keys if len(tuned.shape(k)) <= 1)
     per_record = 250 * (len(spectra) + len(keys))   # JSON records, ranks, tensor headers
     return 2048 + n_values * 2 * 4 / 3 + one_d + per_record
@@ -666,16 +720,18 @@ def _add_fill(records, tensors, name, info, param, dtype):
     records.append(rec)
 
 
-def trim_to_size(delta, limit_bytes, file_size_fn):
+def trim_to_size(delta, limit_bytes, file_size_fn, objective="weight"):
     """Size mode: drop the least valuable trailing components until the file fits. Exact:
     factors are ordered by singular value, so a prefix of them is the smaller truncation.
-    Layers keep rank >= 1 (a rank-0 LoRA module makes hosts divide alpha by zero)."""
+    Layers keep rank >= 1 (a rank-0 LoRA module makes hosts divide alpha by zero).
+    Value: weighted squared error per byte, as the allocation (`objective`, ranks.py)."""
     from .resize import truncate_record
     esize = STORAGE_DTYPES[delta.info["dtype"]].itemsize
 
     def gain(i):
         rec = delta.records[i]
-        return float(delta.spectra[i][1][rec.rank - 1]) ** 2 / sum(rec.matrix_shape)
+        w = layer_weight(rec.base2, rec.norm2) if objective == "weight" else 1.0
+        return w * float(delta.spectra[i][1][rec.rank - 1]) ** 2 / sum(rec.matrix_shape)
 
     for _ in range(16):
         size = file_size_fn(delta)
@@ -701,7 +757,11 @@ def trim_to_size(delta, limit_bytes, file_size_fn):
     return size
 
 
-def relative_error(records):
-    err2 = sum(r.err2 for r in records)
-    norm2 = sum(r.norm2 for r in records)
-    return math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+def check_max_error(delta, rule):
+    """Max-error mode: the written factors (storage rounding included) meet the target; the
+    allocation leaves room for the rounding, so a miss is a bug, not a user's error."""
+    if rule is not None and rule.mode == "max_error":
+        got = weighted_error(delta.records)
+        if got > rule.value:
+            raise DeltaError(f"internal: --max-error {_fmt(rule.value)} missed (the file's "
+                             f"weight-relative error is {got:.5f}); please report it")

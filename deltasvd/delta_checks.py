@@ -60,7 +60,7 @@ def _check_fields(rec, path):
         value = getattr(rec, name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise DeltaError(f"corrupt delta record: {name} is {value!r}", path, _label(rec))
-    for name in _FLOAT_FIELDS:
+    for name in _FLOAT_FIELDS + ("base2",) * (rec.base2 is not None):  # base2: None in old files
         value = getattr(rec, name)
         if (not isinstance(value, (int, float)) or isinstance(value, bool)
                 or not math.isfinite(value) or value < 0):

@@ -4,6 +4,8 @@
 - fro:    the same on s^2 (retained Frobenius energy).
 - rank:   a fixed rank.
 - size_mb: a whole-file budget, see `allocate_budget`.
+- max_error: the smallest file whose weight-relative error (measures.py) is at most the
+  value, see `allocate_error`.
 Each rule also gives the range of ranks it could pick when every s_i is only known to within
 +-err_i (the Gram route); a range wider than one rank sends the layer to a float64 SVD.
 """
@@ -14,7 +16,11 @@ import numpy as np
 
 from .errors import UsageError
 
-MODES = ("energy", "fro", "rank", "size_mb")
+MODES = ("energy", "fro", "rank", "size_mb", "max_error")
+# What the whole-file modes minimise: "weight" (each layer's error against its own weights,
+# measures.py; what tracked the pictures) or "fro" (plain squared error, the rule before; kept
+# so the fidelity bench can compare the two with the real writer).
+OBJECTIVES = ("weight", "fro")
 
 
 def _first_reaching(ratio, target):
@@ -79,6 +85,7 @@ class RankRule:
     value: float
     min_rank: int = 1
     max_rank: int = None
+    objective: str = "weight"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -90,6 +97,11 @@ class RankRule:
             raise UsageError(f"--rank must be a whole number >= 1, got {v}")
         if self.mode == "size_mb" and not v > 0:
             raise UsageError(f"--size-mb must be > 0, got {v}")
+        if self.mode == "max_error" and not 0.0 < v < 1.0:
+            raise UsageError(f"--max-error must be in (0, 1) (0: lossless, 1: nothing kept), "
+                             f"got {v}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}")
         if self.min_rank is not None and self.min_rank < 0:
             raise UsageError("--min-rank must be >= 0")
         if self.max_rank is not None and self.max_rank < max(self.min_rank or 0, 1):
@@ -97,7 +109,7 @@ class RankRule:
 
     @property
     def per_layer(self):
-        return self.mode != "size_mb"
+        return self.mode not in ("size_mb", "max_error")
 
     def raw_rank(self, s):
         """The rule itself, before clamps."""
@@ -107,7 +119,7 @@ class RankRule:
             return _threshold_rank(s * s, self.value)
         if self.mode == "rank":
             return min(int(self.value), s.size)
-        raise ValueError("size_mb ranks come from allocate_budget")
+        raise ValueError("whole-file ranks come from allocate_budget / allocate_error")
 
     def raw_range(self, s, err, tails=None):
         """Ranks the rule can pick; `tails` = tail_bounds(...) tightens the tail sums."""
@@ -133,23 +145,48 @@ def is_dense(t, d, k):
     return t * (d + k) >= d * k
 
 
-def allocate_budget(layers, budget):
-    """Ranks minimising total squared error for a total cost of at most `budget`.
+def _by_value(layers):
+    """Every component of every layer, most valuable per byte first.
 
-    `layers`: list of (s, cost) where cost is what one more component of that layer costs
-    (its d + k stored values, in bytes). Component i removes s_i^2 of squared error; s is
-    descending, so the gain per byte s_i^2 / cost falls within each layer and a greedy pick
-    over all layers at once takes a prefix of each: optimal for this separable problem up to
-    the last partial step."""
-    ranks = [0] * len(layers)
+    `layers`: list of (s, cost, weight): a layer's singular values (descending), what one more
+    component costs (its d + k stored values, in bytes) and what its squared error weighs
+    (measures.layer_weight). Component i removes weight * s_i^2 of weighted squared error; s is
+    descending, so the gain per byte falls within each layer and taking components in this
+    order takes a prefix of each layer: optimal for this separable problem up to the last
+    partial step. Returns (order, owner, cost, removed) over the components."""
+    removed = np.concatenate([w * s * s for s, _, w in layers])
+    owner = np.concatenate([np.full(s.size, i, dtype=np.int64) for i, (s, _, _) in
+                            enumerate(layers)])
+    cost = np.array([c for _, c, _ in layers], dtype=np.float64)[owner]
+    order = np.argsort(-(removed / cost), kind="stable")
+    order = order[removed[order] > 0.0]  # a zero singular value buys nothing
+    return order, owner, cost, removed
+
+
+def _counts(taken, owner, n):
+    return [int(c) for c in np.bincount(owner[taken], minlength=n)]
+
+
+def allocate_budget(layers, budget):
+    """Ranks minimising the total weighted squared error for a cost of at most `budget`."""
     if not layers:
-        return ranks
-    gain = np.concatenate([(s * s) / float(c) for s, c in layers])
-    owner = np.concatenate([np.full(s.size, i, dtype=np.int64) for i, (s, _) in enumerate(layers)])
-    cost = np.array([c for _, c in layers], dtype=np.float64)[owner]
-    order = np.argsort(-gain, kind="stable")
-    order = order[gain[order] > 0.0]  # a zero singular value buys nothing
+        return []
+    order, owner, cost, _ = _by_value(layers)
     spent = np.cumsum(cost[order])
-    taken = order[: int(np.searchsorted(spent, budget, side="right"))]
-    counts = np.bincount(owner[taken], minlength=len(layers))
-    return [int(c) for c in counts]
+    return _counts(order[: int(np.searchsorted(spent, budget, side="right"))], owner,
+                   len(layers))
+
+
+def allocate_error(layers, allowed, floor=0.0):
+    """The cheapest ranks whose weighted squared error is at most `allowed`, or None when even
+    every component of `layers` leaves more. `floor`: weighted error no rank can remove (the
+    values past a --max-rank cap, which `layers` leaves out)."""
+    if not layers:
+        return []
+    order, owner, _, removed = _by_value(layers)
+    error = floor + float(np.sum(removed))
+    left = error - np.concatenate([[0.0], np.cumsum(removed[order])])
+    hit = np.nonzero(left <= allowed)[0]
+    if not hit.size:
+        return None
+    return _counts(order[: int(hit[0])], owner, len(layers))

@@ -11,6 +11,7 @@ import torch
 
 from .delta_file import STORAGE_DTYPES, Delta, lora_parts, tensor_names
 from .errors import DeltaError
+from .measures import layer_weight
 from .ranks import allocate_budget, is_dense
 
 
@@ -116,10 +117,11 @@ def resize_to_size(delta, rule, file_size_fn):
     # component's cost below, so they leave the fixed part too (else it is counted twice).
     heads = 11 * sum(r.rank for r in recs)
     fixed = file_size_fn(out) - factor_bytes - dense_bytes - heads
-    layers = [(np.asarray(out.spectra[i][1][: rule.max_rank]), sum(r.matrix_shape) * esize + 11)
+    layers = [(np.asarray(out.spectra[i][1][: rule.max_rank]), sum(r.matrix_shape) * esize + 11,
+               layer_weight(r.base2, r.norm2) if rule.objective == "weight" else 1.0)
               for i, r in zip(coded, recs)]
     for i, t in zip(coded, allocate_budget(layers, max(limit - fixed, 0))):
         _cut(out, i, rule.clamp(t, out.records[i].n))
-    trim_to_size(out, limit, file_size_fn)
+    trim_to_size(out, limit, file_size_fn, rule.objective)
     _mark(out, delta, rule)
     return out

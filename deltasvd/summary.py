@@ -5,6 +5,7 @@ import numpy as np
 from . import families
 from .delta_file import FACTORED_KINDS, is_coded, tensor_names
 from .groups import format_table, group_rows
+from .measures import has_base_norms, weighted_error
 
 
 def record_bytes(delta, rec):
@@ -43,8 +44,18 @@ def group_table(delta, file_bytes=None, reference_bytes=None):
     return format_table(rows, file_bytes, reference_bytes, ratio_reference(delta))
 
 
+def error_line(delta):
+    """The weight-relative error (measures.py), the measure that tracked the pictures; None for
+    files that do not record their base norms."""
+    if not has_base_norms(delta.records):
+        return None
+    return (f"weight-relative error {weighted_error(delta.records):.4f} (each layer's lost change "
+            "against its own weights; what --max-error targets)")
+
+
 def compress_summary(delta, counts, file_bytes, tuned_bytes):
-    lines = [group_table(delta, file_bytes, tuned_bytes), _bits_line(delta, file_bytes), ""]
+    lines = [group_table(delta, file_bytes, tuned_bytes), _bits_line(delta, file_bytes)]
+    lines += [line for line in (error_line(delta), "") if line is not None]
     lines.append(f"tensors: {counts.changed} changed, {counts.identical} identical (skipped), "
                  f"{counts.ignored_ema} EMA and {counts.ignored_nonfloat} non-float ignored")
     lines.append(f"pieces:  {pieces_line(delta.records)}")
@@ -140,6 +151,8 @@ def inspect_text(delta, file_bytes):
         f"pieces    {pieces_line(delta.records)}",
     ]
     lines.append(f"size      {_bits_line(delta, file_bytes)}")
+    if error_line(delta):
+        lines.append(f"error     {error_line(delta)}")
     if "resized_from" in info:
         lines.append(f"resized   from {info['resized_from']}")
     tuned_bytes = int(info.get("tuned_bytes") or 0) or None

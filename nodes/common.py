@@ -7,7 +7,7 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..deltasvd.api import host_meta_fn
-from ..deltasvd.compress import relative_error
+from ..deltasvd.measures import relative_error
 from ..deltasvd.delta_file import FACTORED_KINDS, file_size
 from ..deltasvd.errors import DeltaError
 from ..deltasvd.ranks import RankRule
@@ -23,7 +23,7 @@ MODE_TOOLTIP = (
     "singular values reach `value` (0-1) of their sum. frobenius: the same on squared singular "
     "values (retained Frobenius energy). rank: the same rank `value` for every layer. "
     "size_mb: a total file size of `value` MiB, ranks allocated over all layers to minimise "
-    "the total error.")
+    "the weight-relative error (each layer's lost change against its own weights).")
 VALUE_TOOLTIP = ("The threshold (energy, frobenius: 0 < value <= 1, 1 is exact), the rank "
                  "(rank: a whole number >= 1) or the file size in MiB (size_mb).")
 DTYPE_TOOLTIP = ("Storage precision of the factors. fp16 (default) is what LoRA files use; "

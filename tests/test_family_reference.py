@@ -1,7 +1,11 @@
-"""The SD families write the same files as before the family registry (bit for bit).
+"""The SD families write the same files as before (bit for bit): no change to what a file
+holds goes by unnoticed.
 
-tests/data/sd_reference.json was written by the code before `deltasvd/families/` existed
-(DELTASVD_WRITE_REFERENCE=1 rewrites it): for each SD family, a small fixture pair compressed
+tests/data/sd_reference.json was first written by the code before `deltasvd/families/` existed,
+and rewritten (DELTASVD_WRITE_REFERENCE=1) only by changes meant to change files: the records'
+base norms (`base2`, every header) and --size-mb's weight-relative allocation (the size2
+tensors), issue 14; the energy and qsvd tensors stayed the same. For each SD family, a small
+fixture pair compressed
 under three settings. A file is compared by its whole header (metadata included, only
 `modelspec.date` left out) and the sha256 of its tensor data. The fixture pair's own hashes are
 recorded too: a CPU that rounds the fixture's matrix products differently makes other inputs,

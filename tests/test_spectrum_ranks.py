@@ -139,18 +139,19 @@ def test_bad_rule_values_are_usage_errors(mode, value):
 def test_budget_allocation_is_greedy_optimal():
     """Against brute force on a small problem: no other split of the budget does better."""
     rng = np.random.default_rng(0)
-    layers = [(np.sort(rng.random(6))[::-1], c) for c in (3, 5, 4)]
+    # each layer's squared error weighs differently (measures.layer_weight)
+    layers = [(np.sort(rng.random(6))[::-1], c, w) for c, w in ((3, 1.0), (5, 2.5), (4, 0.3))]
     budget = 30
     ranks = allocate_budget(layers, budget)
-    assert sum(r * c for r, (_, c) in zip(ranks, layers)) <= budget
+    assert sum(r * c for r, (_, c, _) in zip(ranks, layers)) <= budget
 
     def kept(rs):
-        return sum(float(np.sum(s[:r] ** 2)) for r, (s, _) in zip(rs, layers))
+        return sum(w * float(np.sum(s[:r] ** 2)) for r, (s, _, w) in zip(rs, layers))
 
     best = max((kept((a, b, c)), (a, b, c)) for a in range(7) for b in range(7) for c in range(7)
                if 3 * a + 5 * b + 4 * c <= budget)
     # Greedy is optimal up to the last partial step: within one component of the best.
-    assert kept(ranks) >= best[0] - max(float(s[0] ** 2) for s, _ in layers)
+    assert kept(ranks) >= best[0] - max(w * float(s[0] ** 2) for s, _, w in layers)
 
 
 def test_cuda_math_turns_tf32_off_and_restores_the_hosts_flags():
