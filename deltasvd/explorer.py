@@ -27,6 +27,7 @@ import torch
 from .api import analyse_pair, host_meta_fn
 from .delta_file import STORAGE_DTYPES, file_size, lora_parts, tensor_names
 from .groups import format_table, group_of, group_rows, rel_error
+from .measures import has_base_norms, weighted_error
 from .plot import layer_values
 from .ranks import RankRule, is_dense
 from .resize import copy_delta, new_rank, resize_to_size
@@ -50,6 +51,7 @@ class Preview:
     rel_error: float         # estimated (truncation only)
     kept: float              # kept energy, the paper's measure: sum(s[:t]) / sum(s)
     seconds: float           # how long answering took
+    weight_error: float = None  # weight-relative error (measures.py); None: no base norms
 
     @property
     def kept_fro(self):
@@ -147,7 +149,8 @@ class Explorer:
         params = sum(t.numel() for t in skel.tensors.values())
         return Preview(rule, skel, size, params,
                        rel_error(sum(r.err2 for r in recs), sum(r.norm2 for r in recs)),
-                       self._kept(skel), time.perf_counter() - start)
+                       self._kept(skel), time.perf_counter() - start,
+                       weighted_error(recs) if has_base_norms(recs) else None)
 
     def _kept(self, skel):
         """sum(s[:t]) / sum(s) over every coded layer (the energy rule's measure)."""

@@ -85,7 +85,10 @@ def numbers(explorer, preview):
     Frobenius one (sum of s^2, what the plot's green curve shows)."""
     ratio = (f"{explorer.tuned_bytes / preview.file_bytes:.1f}x  against the tuned file"
              if explorer.tuned_bytes else "-")
+    werr = ("-  (a file from before base norms were kept)" if preview.weight_error is None
+            else f"{preview.weight_error:.4f}  what tracked the pictures; --max-error's measure")
     return (f"size                  {preview.file_bytes / 2**20:.2f} MiB\n"
+            f"weight-rel. error     {werr}\n"
             f"compression           {ratio}\n"
             f"stored values         {preview.params:,}\n"
             f"est. rel. error       {preview.rel_error:.4f}  truncation only\n"

@@ -110,3 +110,15 @@ def test_size_mode_beats_the_energy_rule_on_its_measure(tmp_path, pair):
     assert cli("compress", BASE, TUNED, "-o", size, "--size-mb", mib).returncode == 0
     assert os.path.getsize(size) <= os.path.getsize(energy)
     assert measured_errors(size, pair)[0] < measured_errors(energy, pair)[0]
+
+
+def test_explorer_shows_the_measure_of_the_file_compress_writes(tmp_path, pair):
+    from deltasvd.explorer import Explorer
+    from deltasvd.ui_actions import numbers
+    explorer = Explorer.from_files(BASE, TUNED)
+    preview = explorer.preview("energy", 0.5)
+    out = tmp_path / "d.safetensors"
+    assert cli("compress", BASE, TUNED, "-o", out, "--energy", 0.5).returncode == 0
+    # the page's estimate leaves out the fp16 rounding of the factors (about 4e-4)
+    assert preview.weight_error == pytest.approx(measured_errors(out, pair)[0], abs=2e-3)
+    assert f"weight-rel. error     {preview.weight_error:.4f}" in numbers(explorer, preview)
