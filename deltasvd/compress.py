@@ -335,9 +335,8 @@ def code_dct(piece, bits):
 
 def _pass1_spectra(base, tuned, keys, counts, device, progress):
     """Whole-file modes, pass 1: every matrix piece's spectrum (values only), shape, base norm
-    and delta norm; and the weighted squared norm of the pieces stored exactly (no error, but
-    part of the whole the weight-relative error is measured against)."""
-    spectra, exact = {}, 0.0
+    and delta norm."""
+    spectra = {}
     for key, delta, rows2 in read_deltas(base, tuned, keys, counts, progress):
         for j, piece in enumerate(split_pieces(key, delta, base, base.family, rows2)):
             rec = piece.rec
@@ -345,10 +344,7 @@ def _pass1_spectra(base, tuned, keys, counts, device, progress):
                 dec = spectrum.gram_spectrum(spectrum.as_matrix(piece.data).to(device),
                                                 keep_vectors=False)
                 spectra[(key, j)] = (dec.s, rec.shape, rec.base2, dec.fro2)
-            else:
-                norm2 = float(piece.data.double().pow(2).sum())
-                exact += layer_weight(rec.base2, norm2) * norm2
-    return spectra, exact
+    return spectra
 
 
 def _layers(spectra, rule, esize):
@@ -371,11 +367,11 @@ def _budget_ranks(spectra, rule, dtype, budget_bytes):
     return dict(zip(spectra, allocate_budget(layers, budget_bytes)))
 
 
-def _error_ranks(spectra, exact, rule, dtype_name):
+def _error_ranks(spectra, rule, dtype_name):
     """Allocate ranks for max-error mode: the cheapest whose estimated weight-relative error
     is within the target, less room for the storage rounding the estimate leaves out."""
     layers, capped = _layers(spectra, rule, STORAGE_DTYPES[dtype_name].itemsize)
-    whole = exact + sum(w * float(np.sum(s * s)) for s, _, w in layers) + capped
+    whole = sum(w * float(np.sum(s * s)) for s, _, w in layers) + capped
     target = rule.value ** 2 - STORAGE_ROUNDING[dtype_name] ** 2
     if target <= 0:
         raise DeltaError(f"--max-error {_fmt(rule.value)} is below what {dtype_name} "
@@ -388,8 +384,8 @@ def _error_ranks(spectra, exact, rule, dtype_name):
         raise DeltaError(f"--max-error {_fmt(rule.value)} cannot be met with --max-rank "
                          f"{rule.max_rank}: its least weight-relative error is {least:.4f}")
     if not any(ranks):
-        raise DeltaError(f"--max-error {_fmt(rule.value)} needs no factors at all: the 1-D "
-                         "changes, stored exactly, already meet it; ask for a smaller error")
+        raise DeltaError(f"--max-error {_fmt(rule.value)} keeps nothing: the whole change is "
+                         "within it; ask for a smaller error")
     return dict(zip(spectra, ranks))
 
 
@@ -491,10 +487,9 @@ class Compressor:
 
     def _allocate(self, base, tuned, keys):
         counts = Counts()
-        spectra, exact = _pass1_spectra(base, tuned, keys, counts, self.device,
-                                        self._progress("scan"))
+        spectra = _pass1_spectra(base, tuned, keys, counts, self.device, self._progress("scan"))
         if self.rule.mode == "max_error":
-            return _error_ranks(spectra, exact, self.rule, self.dtype_name)
+            return _error_ranks(spectra, self.rule, self.dtype_name)
         budget = self.rule.value * 2**20 - _reserved_bytes(spectra, base, tuned, keys)
         if budget <= 0:
             raise DeltaError(f"--size-mb {self.rule.value} is smaller than the fixed part of "

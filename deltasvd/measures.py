@@ -1,8 +1,10 @@
 """How much of the fine-tune a delta file loses, from weights only.
 
 - relative error: ||dW - dW^|| / ||dW|| over the whole file (every element alike).
-- weight-relative error: each layer's lost change measured against that layer's own base
-  weights, sqrt(sum_l err_l^2 / B_l) / sqrt(sum_l ||dW_l||^2 / B_l), B_l = ||W_l||^2. A change
+- weight-relative error: each matrix layer's lost change measured against that layer's own
+  base weights, sqrt(sum_l err_l^2 / B_l) / sqrt(sum_l ||dW_l||^2 / B_l), B_l = ||W_l||^2,
+  over the layers the codecs compress (1-D changes, biases and norms, are stored exactly and
+  left out: their small weights would otherwise fill most of the sum). A change
   of a given size matters more to a layer with small weights (what a layer does to its input
   scales with its weights), and on the project's own text-to-image fine-tune this measure
   tracked the pictures (SSIM to the full fine-tune) better than the plain relative error
@@ -36,6 +38,8 @@ def weighted_error(records):
     """The weight-relative error of a delta's records (the module docstring)."""
     err2 = norm2 = 0.0
     for r in records:
+        if r.kind == "exact":
+            continue
         w = layer_weight(r.base2, r.norm2)
         err2 += w * r.err2
         norm2 += w * r.norm2

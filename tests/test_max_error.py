@@ -43,7 +43,8 @@ def measured_errors(path, pair):
         got = (delta_for(delta, by_key[key], tuple(b.shape)).double() if key in by_key
                else torch.zeros_like(d))
         e2, n2 = float((got - d).pow(2).sum()), float(d.pow(2).sum())
-        w = 1.0 / max(float(b.double().pow(2).sum()), n2)
+        # weight-relative: matrices only (1-D changes are stored exactly, measures.py)
+        w = 1.0 / max(float(b.double().pow(2).sum()), n2) if d.ndim >= 2 else 0.0
         num_w, den_w, num, den = num_w + w * e2, den_w + w * n2, num + e2, den + n2
     return (num_w / den_w) ** 0.5, (num / den) ** 0.5
 
