@@ -30,6 +30,7 @@ from .safetensors_io import file_sha256, tensor_data_sha256
 from .spill import SpillFile
 
 OVERSHOOT = 1.05  # size mode: code 5% over the estimated budget, then trim exactly
+RECORD_BYTES = 250  # size mode: header bytes per record (JSON record, rank, tensor headers)
 MAX_WORKERS = 4   # layers coded at once on the CPU (memory: one delta each)
 QUEUED_PER_WORKER = 4   # keys handed out ahead per worker (a queued key holds no memory)
 
@@ -495,8 +496,12 @@ class Compressor:
             raise DeltaError(f"--size-mb {self.rule.value} is smaller than the fixed part of "
                              "the file (header, spectra, 1-D tensors)")
         # Code a little more than the estimate allows; trim_to_size then cuts the least
-        # valuable components until the real file fits, so no budget is left unused.
-        return _budget_ranks(spectra, self.rule, self.dtype, budget * OVERSHOOT)
+        # valuable components until the real file fits, so no budget is left unused. The
+        # layers' own share of the header (record, spectrum) is the least sure part of the
+        # estimate, as a layer the budget leaves out has none: that much is coded over too.
+        slack = sum(RECORD_BYTES + min(shape[0], int(np.prod(shape[1:]))) * 8 / 3
+                    for _, shape, *_ in spectra.values())
+        return _budget_ranks(spectra, self.rule, self.dtype, budget * OVERSHOOT + slack)
 
     def _progress(self, stage):
         if not self.progress:
@@ -654,7 +659,7 @@ def _reserved_bytes(spectra, base, tuned, keys):
     on the lean side: OVERSHOOT and trim_to_size make the fit exact."""
     n_values = sum(min(shape[0], int(np.prod(shape[1:]))) for _, shape, *_ in spectra.values())
     one_d = sum(4 * int(np.prod(tuned.shape(k))) for k in keys if len(tuned.shape(k)) <= 1)
-    per_record = 250 * (len(spectra) + len(keys))   # JSON records, ranks, tensor headers
+    per_record = RECORD_BYTES * (len(spectra) + len(keys))   # JSON records, tensor headers
     return 2048 + n_values * 2 * 4 / 3 + one_d + per_record
 
 
