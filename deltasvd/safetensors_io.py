@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import stat
 import struct
 import tempfile
@@ -283,22 +284,44 @@ def atomic_output(path, overwrite=False, inputs=()):
     Without `overwrite` the publishing fails, rather than replaces, when another process
     created `path` meanwhile."""
     path = check_output_path(path, overwrite, inputs)
-    try:   # a short prefix: a 255-character name must leave room for the temporary one
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path)[:200] + ".",
-                                   suffix=".part", dir=os.path.dirname(path))
-    except OSError as e:
-        raise DeltaError(f"cannot write here ({e.strerror})", path) from None
-    os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
+    # The name is drawn before the file is made, and the file made inside the `try` that
+    # removes it: Ctrl-C or SIGTERM at any moment in between leaves nothing behind.
+    tmp = _temporary_name(path)
     try:
+        _create_exclusive(tmp, path)
         yield tmp
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        os.chmod(tmp, 0o666 & ~umask)  # made 0600 like mkstemp does; give the usual mode
         _publish(tmp, path, overwrite)
+    except _NotOurs:
+        raise DeltaError("cannot write here (a temporary file of that name exists)", path) \
+            from None
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+class _NotOurs(Exception):
+    """The temporary name was taken by someone else: theirs must not be removed."""
+
+
+def _temporary_name(path):
+    # a short prefix: a 255-character name must leave room for the temporary one
+    prefix = "." + os.path.basename(path)[:200] + "."
+    return os.path.join(os.path.dirname(path), prefix + secrets.token_hex(6) + ".part")
+
+
+def _create_exclusive(tmp, path):
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                     0o600)
+    except FileExistsError:
+        raise _NotOurs from None
+    except OSError as e:
+        raise DeltaError(f"cannot write here ({e.strerror})", path) from None
+    os.close(fd)
 
 
 def _publish(tmp, path, overwrite):
