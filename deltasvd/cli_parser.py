@@ -184,11 +184,11 @@ def _edits(sub):
 
 
 def _tools(sub):
-    d = sub.add_parser("demo", help="the whole job on a built-in small pair (about 200 MiB "
-                       "of files, removed afterwards unless --dir is given)")
+    d = sub.add_parser("demo", help="the whole job on the built-in small text-to-image model "
+                       "and its fine-tune, judged by pictures: writes deltasvd_demo.png")
     d.add_argument("--dir", default=None,
-                   help="keep the files in this folder (default: a temporary folder, removed "
-                        "at the end)")
+                   help="keep the files and the picture in this folder (default: a temporary "
+                        "folder, removed at the end; the picture goes to the current folder)")
     d.add_argument("--energy", type=finite, default=0.5, help="the threshold to compress at")
     u = sub.add_parser("ui", help="the threshold explorer page in a browser (needs gradio)")
     u.add_argument("--port", type=int, default=7861, help="port to serve on")

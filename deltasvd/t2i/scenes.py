@@ -5,7 +5,6 @@ anti-aliased like a real photo's and the model does not have to learn aliasing p
 Attributes compose freely (shape x colour x size x position x background), and the caption
 sometimes leaves one out, so the model also learns what a partial prompt means."""
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
