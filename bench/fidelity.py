@@ -58,18 +58,20 @@ ENERGIES = (0.06, 0.2, 0.5, 0.8)
 
 
 def settings():
-    """(name, curve, how): how is a CLI option list, ("size", T, objective) for a size row at
-    the energy-T file's size, or "sign" / "base" / "full"."""
+    """(name, curve, how): how is a CLI option list, ("size", row, objective) for a size row
+    at the size of another row's file, or "sign" / "base" / "full"."""
     rows = [("base model", "floor", "base"), ("full fine-tune", "ceiling", "full")]
     rows += [(f"energy {t}", "energy rule", ["--energy", t]) for t in ENERGIES]
-    rows += [(f"size-mb = energy {t}'s", "--size-mb (weight-relative)", ("size", t, "weight"))
+    rows += [(f"size-mb = energy {t}'s", "--size-mb (weight-relative)", ("size", f"energy {t}", "weight"))
              for t in ENERGIES]
     rows += [(f"size-mb = energy {t}'s, Frobenius", "--size-mb (Frobenius, before)",
-              ("size", t, "fro")) for t in ENERGIES]
+              ("size", f"energy {t}", "fro")) for t in ENERGIES]
     rows += [(f"rank {r}", "fixed rank", ["--rank", r]) for r in (2, 8, 32)]
+    rows += [(f"size-mb = rank {r}'s", "--size-mb (weight-relative)",
+              ("size", f"rank {r}", "weight")) for r in (2, 8)]
     rows += [(f"max-error {e}", "--max-error", ["--max-error", e]) for e in (0.4, 0.2, 0.1)]
     rows += [(f"energy {t} int8", "int8 factors", ["--energy", t, "--factor-bits", 8])
-             for t in (0.5, 0.8)]
+             for t in ENERGIES]
     rows += [(f"dct {b} bits", "Delta-DCT", ["--codec", "dct", "--bits", b]) for b in (1, 2, 3, 4)]
     rows += [("sign 1 bit", "1-bit sign (baseline)", "sign")]
     return rows
@@ -157,8 +159,8 @@ def build(name, how, work, files):
     if os.path.exists(delta):
         os.remove(delta)
     if isinstance(how, tuple):
-        _, t, objective = how
-        mib = files[f"energy {t}"] / 2**20
+        _, source, objective = how
+        mib = files[source] / 2**20
         if objective == "weight":
             cli("compress", base, tuned, "-o", delta, "--size-mb", f"{mib:.6f}")
         else:   # the allocation --size-mb used before, through the same writer
@@ -198,12 +200,13 @@ def run(names=None, steps=25, quick=False, log=print, keep=None):
     work = tempfile.mkdtemp(prefix="deltasvd-fidelity-")
     rows, images, files = [], {}, {}
     try:
+        options = {name: how for name, _, how in settings()}
         for name, curve, how in settings():
             if names and name not in names:
                 continue
-            needs = f"energy {how[1]}" if isinstance(how, tuple) else None
-            if needs and needs not in files:       # a size row needs its energy file's size
-                build(needs, ["--energy", how[1]], work, files)
+            needs = how[1] if isinstance(how, tuple) else None
+            if needs and needs not in files:       # a size row needs its source file's size
+                build(needs, options[needs], work, files)
             start = time.perf_counter()
             path, size, values = build(name, how, work, files)
             got, _ = pictures(path, prompts, seeds, steps)
@@ -269,6 +272,9 @@ def plot(rows, path):
         if top and key == "subject":
             ax.axhline(top[key], color="black", ls="--", label="full fine-tune")
         ax.set_xscale("log")
+        ticks = [0.2, 0.3, 0.5, 1, 2, 3]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("file size (MiB)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)

@@ -64,7 +64,9 @@ def _add_rule_args(p, required=True, size=True, error=False):
         g.add_argument("--max-error", type=finite, metavar="E",
                        help="the smallest file whose weight-relative error is at most E, "
                        "0<E<1 (README: Choosing a setting)")
-    p.add_argument("--min-rank", type=int, default=1, help="lower clamp on every rank")
+    p.add_argument("--min-rank", type=int, default=1,
+                   help="lower clamp on every rank of the per-layer rules (--size-mb and "
+                   "--max-error allocate from rank 0)")
     p.add_argument("--max-rank", type=int, default=None,
                    help="upper clamp on every rank (none: no clamp)")
 
