@@ -49,6 +49,10 @@ def finite(text):
     return value
 
 
+EXACT_RANKS = ("certify every rank equal to the rule's on float64 singular values (about "
+               "twice the time; default: the rule on float32 values, README: Performance)")
+
+
 def _add_rule_args(p, required=True, size=True, error=False):
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--energy", type=finite, metavar="T",
@@ -76,7 +80,8 @@ def rule_of(args):
     for mode in MODES:
         value = getattr(args, mode, None)
         if value is not None:
-            return RankRule(mode, value, args.min_rank, args.max_rank)
+            return RankRule(mode, value, args.min_rank, args.max_rank,
+                            exact=getattr(args, "exact_ranks", False))
     return None
 
 
@@ -145,6 +150,7 @@ def _compress(sub):
     c.add_argument("--dtype", default="fp16", choices=DTYPES,
                    help="storage dtype of the factors")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    c.add_argument("--exact-ranks", action="store_true", help=EXACT_RANKS)
     c.add_argument("--allow-pickle", action="store_true",
                    help="read .ckpt/.pt files (tensors only, weights_only=True)")
 
@@ -182,6 +188,7 @@ def _edits(sub):
     v.add_argument("--dtype", default="fp16", choices=DTYPES,
                    help="storage dtype of the factors")
     v.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    v.add_argument("--exact-ranks", action="store_true", help=EXACT_RANKS)
     v.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
 
 

@@ -334,16 +334,15 @@ def code_dct(piece, bits):
     return {"dct_" + name: t for name, t in parts.items()}, None
 
 
-def _pass1_spectra(base, tuned, keys, counts, device, progress):
+def _pass1_spectra(base, tuned, keys, counts, device, progress, exact):
     """Whole-file modes, pass 1: every matrix piece's spectrum (values only), shape, base norm
-    and delta norm."""
+    and delta norm; exact: float64 values (--exact-ranks), else float32."""
     spectra = {}
     for key, delta, rows2 in read_deltas(base, tuned, keys, counts, progress):
         for j, piece in enumerate(split_pieces(key, delta, base, base.family, rows2)):
             rec = piece.rec
             if rec.kind == "svd":
-                dec = spectrum.gram_spectrum(spectrum.as_matrix(piece.data).to(device),
-                                                keep_vectors=False)
+                dec = spectrum.values_only(spectrum.as_matrix(piece.data).to(device), exact)
                 spectra[(key, j)] = (dec.s, rec.shape, rec.base2, dec.fro2)
     return spectra
 
@@ -488,7 +487,8 @@ class Compressor:
 
     def _allocate(self, base, tuned, keys):
         counts = Counts()
-        spectra = _pass1_spectra(base, tuned, keys, counts, self.device, self._progress("scan"))
+        spectra = _pass1_spectra(base, tuned, keys, counts, self.device, self._progress("scan"),
+                                 self.rule.exact)
         if self.rule.mode == "max_error":
             return _error_ranks(spectra, self.rule, self.dtype_name)
         budget = self.rule.value * 2**20 - _reserved_bytes(spectra, base, tuned, keys)
@@ -603,7 +603,8 @@ class Compressor:
         for j, piece in enumerate(pieces):
             rule = self.rule
             if fixed_ranks is not None and (key, j) in fixed_ranks:
-                rule = RankRule("rank", max(fixed_ranks[(key, j)], 1), min_rank=0)
+                rule = RankRule("rank", max(fixed_ranks[(key, j)], 1), min_rank=0,
+                                exact=self.rule.exact)
             out.append((piece, self._code_piece(piece, rule, fixed_ranks, key, j)))
             # A coded piece waits for the keys before it to be collected; only its record and
             # parts are needed then, not its float32 delta (up to 8 waiting pieces of a Flux

@@ -72,7 +72,7 @@ class LayerRecord:
     sum_s2: float = 0.0
     err2: float = 0.0         # squared residual after storage rounding
     norm2: float = 0.0        # squared Frobenius norm of the delta
-    precision: str = ""       # what decided the rank: gram64 or svd64 (spectrum.py)
+    precision: str = ""       # what decided the rank: gram32, gram64 or svd64 (spectrum.py)
     patch: int = 0            # dct: patch size
     base2: float = None       # squared Frobenius norm of the base weight it patches (measures.py);
                               # None in files written before it was recorded

@@ -51,7 +51,8 @@ class _Binding:
 @functools.lru_cache(maxsize=None)
 def _binding():
     for prefix, suffix, int_t in _FLAVOURS:
-        names = [f"{prefix}{r}{suffix}" for r in ("dsytrd", "dsterf", "dstemr", "dormtr")]
+        names = [f"{prefix}{p}{r}{suffix}" for p in "ds" for r in ("sytrd", "sterf", "stemr",
+                                                                  "ormtr")]
         lib, _ = find_symbol(names[:1])
         if lib is not None and all(hasattr(lib, n) for n in names):
             return _Binding(lib, prefix, suffix, int_t)
@@ -70,8 +71,13 @@ def _char(c):
     return ctypes.c_char_p(c.encode())
 
 
-def _real(v):
-    return ctypes.byref(ctypes.c_double(v))
+def _real(v, dtype):
+    return ctypes.byref((ctypes.c_double if dtype == np.float64 else ctypes.c_float)(v))
+
+
+def _name(routine, dtype):
+    """LAPACK's name of `routine` ("sytrd", ...) for float64 (d...) or float32 (s...) data."""
+    return ("d" if dtype == np.float64 else "s") + routine
 
 
 @dataclass
@@ -89,36 +95,39 @@ class Tridiagonal:
 
 
 def tridiagonalize(g):
-    """Reduce the symmetric float64 matrix g in place (its storage becomes `h`)."""
+    """Reduce the symmetric matrix g (float64, or float32: the fast route) in place (its
+    storage becomes `h`); everything after works in g's precision."""
     lp = _binding()
     n = g.shape[0]
-    if g.dtype == np.float64 and g.flags.c_contiguous:
+    dt = np.float32 if g.dtype == np.float32 else np.float64
+    if g.dtype == dt and g.flags.c_contiguous:
         h = g.T      # g is symmetric: its C-ordered storage read in Fortran order is g again
     else:
-        h = np.asfortranarray(g, dtype=np.float64)
-    diag, off, tau = np.empty(n), np.empty(max(n - 1, 1)), np.empty(max(n - 1, 1))
-    work = np.empty(1)
+        h = np.asfortranarray(g, dtype=dt)
+    diag, off, tau = (np.empty(m, dt) for m in (n, max(n - 1, 1), max(n - 1, 1)))
+    work = np.empty(1, dt)
     for lwork in (-1, None):                       # workspace query, then the reduction
         if lwork is None:
             lwork = int(work[0])
-            work = np.empty(max(lwork, 1))
-        lp.call("dsytrd", _char("L"), lp.int(n), _ptr(h), lp.int(max(n, 1)), _ptr(diag),
-                _ptr(off), _ptr(tau), _ptr(work), lp.int(lwork), chars=1)
+            work = np.empty(max(lwork, 1), dt)
+        lp.call(_name("sytrd", dt), _char("L"), lp.int(n), _ptr(h), lp.int(max(n, 1)),
+                _ptr(diag), _ptr(off), _ptr(tau), _ptr(work), lp.int(lwork), chars=1)
     return Tridiagonal(h=h, tau=tau, diag=diag, off=off)
 
 
 def eigenvalues(tri):
-    """All eigenvalues of T (= those of G), ascending."""
+    """All eigenvalues of T (= those of G), ascending, in T's precision."""
     values, off = tri.diag.copy(), tri.off.copy()
-    _binding().call("dsterf", _binding().int(tri.n), _ptr(values), _ptr(off))
+    _binding().call(_name("sterf", values.dtype), _binding().int(tri.n), _ptr(values), _ptr(off))
     return values
 
 
 def top_eigenvectors(tri, t):
-    """The eigenvectors of G for its t largest eigenvalues, as float64 columns, largest first."""
+    """The eigenvectors of G for its t largest eigenvalues, as columns in T's precision,
+    largest first."""
     n = tri.n
     if t == 0:
-        return np.zeros((n, 0))
+        return np.zeros((n, 0), tri.diag.dtype)
     z = _tridiagonal_vectors(tri, t)
     _back_transform(tri, z)
     return z[:, ::-1]
@@ -126,26 +135,26 @@ def top_eigenvectors(tri, t):
 
 def _tridiagonal_vectors(tri, t):
     lp = _binding()
-    n = tri.n
-    diag, off = tri.diag.copy(), np.zeros(n)
+    n, dt = tri.n, tri.diag.dtype
+    diag, off = tri.diag.copy(), np.zeros(n, dt)
     off[: n - 1] = tri.off[: n - 1]
-    w, z = np.empty(n), np.empty((n, t), order="F")
+    w, z = np.empty(n, dt), np.empty((n, t), dt, order="F")
     isuppz = np.empty(2 * t, dtype=np.int64 if lp.int_t is ctypes.c_int64 else np.int32)
     found = lp.int_t(0)
-    work, iwork = np.empty(1), np.empty(1, dtype=isuppz.dtype)
+    work, iwork = np.empty(1, dt), np.empty(1, dtype=isuppz.dtype)
     for lwork in (-1, None):
         tryrac = lp.int_t(1)          # in/out: ask for full relative accuracy each time
         if lwork is None:
             lwork, liwork = int(work[0]), int(iwork[0])
-            work, iwork = np.empty(lwork), np.empty(liwork, dtype=isuppz.dtype)
+            work, iwork = np.empty(lwork, dt), np.empty(liwork, dtype=isuppz.dtype)
         else:
             liwork = -1
-        lp.call("dstemr", _char("V"), _char("I"), lp.int(n), _ptr(diag), _ptr(off), _real(0.0),
-                _real(0.0), lp.int(n - t + 1), lp.int(n), ctypes.byref(found), _ptr(w),
+        lp.call(_name("stemr", dt), _char("V"), _char("I"), lp.int(n), _ptr(diag), _ptr(off),
+                _real(0.0, dt), _real(0.0, dt), lp.int(n - t + 1), lp.int(n), ctypes.byref(found), _ptr(w),
                 _ptr(z), lp.int(n), lp.int(t), _ptr(isuppz), ctypes.byref(tryrac),
                 _ptr(work), lp.int(lwork), _ptr(iwork), lp.int(liwork), chars=2)
     if found.value != t:
-        raise LapackError(f"LAPACK dstemr found {found.value} of {t} eigenvectors")
+        raise LapackError(f"LAPACK {_name('stemr', dt)} found {found.value} of {t} eigenvectors")
     return z
 
 
@@ -153,11 +162,11 @@ def _back_transform(tri, z):
     """z <- Q z, in place."""
     lp = _binding()
     n, t = z.shape
-    work = np.empty(1)
+    work = np.empty(1, z.dtype)
     for lwork in (-1, None):
         if lwork is None:
             lwork = int(work[0])
-            work = np.empty(max(lwork, 1))
-        lp.call("dormtr", _char("L"), _char("L"), _char("N"), lp.int(n), lp.int(t), _ptr(tri.h),
+            work = np.empty(max(lwork, 1), z.dtype)
+        lp.call(_name("ormtr", z.dtype), _char("L"), _char("L"), _char("N"), lp.int(n), lp.int(t), _ptr(tri.h),
                 lp.int(n), _ptr(tri.tau), _ptr(z), lp.int(n), _ptr(work), lp.int(lwork),
                 chars=3)

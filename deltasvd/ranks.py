@@ -86,6 +86,9 @@ class RankRule:
     min_rank: int = 1
     max_rank: int = None
     objective: str = "weight"
+    # True: every rank certified equal to the rule's on the float64 singular values
+    # (--exact-ranks); False: the rule on float32 values (spectrum.py; about twice as fast)
+    exact: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:

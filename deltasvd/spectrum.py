@@ -1,16 +1,21 @@
 """Singular values and truncated factors of one layer's delta (host-free math).
 
-The route is the Gram matrix of the smaller side, G = M^T M (or M M^T), accumulated in
-float64 from the float32 delta, then `eigvalsh`: d*k*min(d,k) multiply-adds against several
-times more for an SVD. float64 accumulation matters: in float32 an eigenvalue is only known to
-about eps32 * ||M||^2, which for the long, small tails of fine-tuning deltas leaves the
-sum-of-s rules undecided in most layers (measured on the SD1.5-shaped pair: float32 eigenvalue
-errors of 1-3 eps32 * ||M||_F^2 / n in the bulk, up to eps32 * lmax on steep spectra), and
-refusing to guess costs a second pass anyway. With float64 the per-value bound below is some
-1e-13 of the largest value, so the rank is that of the float64 singular values except at exact
-ties; when the bound still leaves it open (an exact tie, or a threshold that falls among the
-exact zeros of a rank-deficient delta, which come back as noise), the values are recomputed
-by a float64 SVD.
+The route is the Gram matrix of the smaller side, G = M^T M (or M M^T), then its eigenvalues:
+d*k*min(d,k) multiply-adds against several times more for an SVD. Two precisions:
+
+* float32 (the default, "gram32"): each block's product in float32, the blocks summed in
+  float64, then the reduction and the values in float32, and the rank taken from those values
+  as they are, as peers do. About twice as fast as float64 on the CPU (the Gram and the
+  tridiagonal reduction are most of the time). Not certified: a float32 eigenvalue is only
+  known to about eps32 * ||M||^2, which leaves the sum-of-s rules formally undecided in most
+  layers; measured against float64 (tests/test_fast_ranks.py, README: Performance) the ranks
+  agreed on all 307 layers of the full-size SD1.5-layout pair and differed by one component on
+  one SDXL fixture layer, and a merged LoRA's exact zeros do not move the rank.
+* float64 (`--exact-ranks`, "gram64"): accumulated in float64 from the float32 delta. The
+  per-value bound below is then some 1e-13 of the largest value, so the rank is that of the
+  float64 singular values except at exact ties; when the bound still leaves it open (an exact
+  tie, or a threshold that falls among the exact zeros of a rank-deficient delta, which come
+  back as noise), the values are recomputed by a float64 SVD ("svd64").
 
 Vectors: only the leading t are needed (t is a few percent of min(d, k) at the paper's
 thresholds). On the CPU, G is reduced to tridiagonal form once (`lapack.py`): the values come
@@ -44,6 +49,9 @@ GRAM_BLOCK = 1536
 # stored error is then within SUBSPACE_TOL / 2 of the exact one (the bench checks 1e-3).
 SUBSPACE_TOL = 1e-4
 SUBSPACE_MAX_ITERS = 12   # then a full eigh is cheaper
+# float32 route: eigenvalue error model eps32 * lmax * this (informational: the fast route
+# picks its rank from the float32 values without certifying it; see the module docstring).
+GRAM32_ERROR = 2.0
 
 
 @dataclass
@@ -65,21 +73,25 @@ def as_matrix(delta):
     return delta.reshape(delta.shape[0], -1)
 
 
-def gram(m):
-    """G = M^T M or M M^T, whichever is smaller, accumulated in float64: a numpy array for a
-    CPU tensor, a tensor on m's device otherwise."""
+def gram(m, exact=True):
+    """G = M^T M or M M^T, whichever is smaller: a numpy array for a CPU tensor, a tensor on
+    m's device otherwise. exact: accumulated in float64 (float64 G); else each block's product
+    in float32, the blocks summed in float64 (float32 G, half the cost)."""
     tall = m.shape[0] >= m.shape[1]
     if m.device.type != "cpu":
-        a = m.double()
+        a = m.double() if exact else m.float()
         return a.T @ a if tall else a @ a.T
     a = m.numpy()
     rows = a if tall else a.T             # the long side's slices, each n wide
     n = rows.shape[1]
     g = np.zeros((n, n), dtype=np.float64)
-    for r in range(0, rows.shape[0], GRAM_BLOCK):
-        blk = rows[r: r + GRAM_BLOCK].astype(np.float64)
-        g += blk.T @ blk                  # numpy: BLAS syrk
-    return g
+    # float32: values past its range give inf, and the caller falls back to float64
+    with np.errstate(over="ignore", invalid="ignore"):
+        for r in range(0, rows.shape[0], GRAM_BLOCK):
+            blk = rows[r: r + GRAM_BLOCK]
+            blk = blk.astype(np.float64) if exact else np.ascontiguousarray(blk, np.float32)
+            g += blk.T @ blk                  # numpy: BLAS syrk
+        return g if exact else g.astype(np.float32)
 
 
 def _linalg(x):
@@ -91,11 +103,12 @@ def _descending(values):
     return np.ascontiguousarray(values[::-1], dtype=np.float64)
 
 
-def gram_spectrum(m, keep_vectors=True):
-    """Values through the float64 Gram matrix of the smaller side, with per-value bounds.
-    keep_vectors: keep what `top_vectors` needs (the Gram or its tridiagonal form)."""
+def gram_spectrum(m, keep_vectors=True, exact=True):
+    """Values through the Gram matrix of the smaller side, with per-value bounds.
+    keep_vectors: keep what `top_vectors` needs (the Gram or its tridiagonal form).
+    exact: float64 throughout ("gram64"); else float32 ("gram32": module docstring)."""
     d, k = m.shape
-    g = gram(m)
+    g = gram(m, exact)
     fro2 = float(g.trace() if isinstance(g, np.ndarray) else torch.diagonal(g).sum())
     tri = None
     if isinstance(g, np.ndarray) and lapack.available():
@@ -106,12 +119,16 @@ def gram_spectrum(m, keep_vectors=True):
     n = lam.size
     lam_max = max(float(lam[0]), 0.0) if n else 0.0
     # Absolute eigenvalue error of Gram + eigh: an empirical model (see GRAM_SAFETY).
-    dl = GRAM_SAFETY * float(np.finfo(np.float64).eps) * min(fro2, lam_max * math.sqrt(n))
+    if exact:
+        dl = GRAM_SAFETY * float(np.finfo(np.float64).eps) * min(fro2, lam_max * math.sqrt(n))
+    else:
+        dl = GRAM32_ERROR * float(np.finfo(np.float32).eps) * lam_max
     s = np.sqrt(np.clip(lam, 0.0, None))
     # |sqrt(a) - sqrt(b)| <= min(sqrt(|a - b|), |a - b| / sqrt(a)).
     with np.errstate(over="ignore"):     # dl / tiny s is inf: the min takes sqrt(dl) then
         err = np.minimum(math.sqrt(dl), dl / np.maximum(s, 1e-300))
-    return Decomposition(s=s, err=err, precision="gram64", tall=d >= k, fro2=fro2,
+    return Decomposition(s=s, err=err, precision="gram64" if exact else "gram32", tall=d >= k,
+                         fro2=fro2,
                          gram=g if keep_vectors else None, tri=tri if keep_vectors else None,
                          lam=lam, dl=dl)
 
@@ -135,7 +152,8 @@ def leading_vectors(g, lam, t):
     if 4 * width < n:
         best = float(np.sum(lam[:t]))
         x = np.random.default_rng(0).standard_normal((n, width))   # reproducible files
-        y = g @ (x if la is np.linalg else torch.from_numpy(x).to(g.device))
+        y = g @ (x.astype(g.dtype) if la is np.linalg
+                 else torch.from_numpy(x).to(device=g.device, dtype=g.dtype))
         for _ in range(SUBSPACE_MAX_ITERS):
             x, _ = la.qr(y)
             y = g @ x                      # one product per step: Ritz values and next step
@@ -154,7 +172,9 @@ def _first_reversed(q):
 
 
 def _float32(q):
-    return torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    # a copy: a reversed float32 view (float32 route) of one column is "contiguous" with a
+    # negative stride, which torch refuses
+    return torch.from_numpy(np.array(q, dtype=np.float32, order="C"))
 
 
 def top_vectors(dec, m, t):
@@ -183,21 +203,50 @@ def factors(dec, m, t):
 
 
 def _undecided(dec, rule, d, k):
+    """Whether the values' bounds leave the rank open (where both ends would be stored dense,
+    the rank does not matter)."""
     tails = tail_bounds(dec.lam, dec.dl, dec.fro2) if dec.lam is not None else None
     lo, hi = (rule.clamp(t, min(d, k)) for t in rule.raw_range(dec.s, dec.err, tails))
     return lo != hi and not (is_dense(lo, d, k) and is_dense(hi, d, k))
 
 
 def decide_rank(m, rule):
-    """Decompose `m` and pick its rank under `rule`; a float64 SVD settles the values when the
-    Gram route leaves the rank open. Returns (decomposition, rank, dense)."""
+    """Decompose `m` and pick its rank under `rule`. Returns (decomposition, rank, dense).
+    rule.exact: the rank of the float64 singular values (a float64 SVD settles it when the
+    float64 Gram leaves it open). Else the rank of the float32 values, uncertified (module
+    docstring)."""
     d, k = m.shape
+    if not rule.exact:
+        dec = _float32_spectrum(m)
+        if dec is not None:
+            return dec, *_rank(dec, rule, d, k)
     dec = gram_spectrum(m)
     if _undecided(dec, rule, d, k):
         dec.s, dec.err = svd64_values(m)
         dec.lam, dec.precision = None, "svd64"
+    return dec, *_rank(dec, rule, d, k)
+
+
+def values_only(m, exact):
+    """The decomposition pass 1 of the whole-file modes needs: values, no vectors."""
+    dec = None if exact else _float32_spectrum(m, keep_vectors=False)
+    return dec if dec is not None else gram_spectrum(m, keep_vectors=False)
+
+
+def _float32_spectrum(m, keep_vectors=True):
+    """The float32 route's decomposition, or None where float32 cannot hold it (values past
+    its range, or a reduction that does not converge on them: damaged or extreme input, which
+    the float64 route then measures and the caller refuses or codes)."""
+    try:
+        dec = gram_spectrum(m, keep_vectors, exact=False)
+    except lapack.LapackError:
+        return None
+    return dec if math.isfinite(dec.fro2) and np.isfinite(dec.s).all() else None
+
+
+def _rank(dec, rule, d, k):
     t = rule.clamp(rule.raw_rank(dec.s), min(d, k))
-    return dec, t, is_dense(t, d, k)
+    return t, is_dense(t, d, k)
 
 
 RESIDUAL_ROWS = 128   # rows of M - A B formed at a time (and widened to float64 for the sum)

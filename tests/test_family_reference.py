@@ -4,7 +4,8 @@ holds goes by unnoticed.
 tests/data/sd_reference.json was first written by the code before `deltasvd/families/` existed,
 and rewritten (DELTASVD_WRITE_REFERENCE=1) only by changes meant to change files: the records'
 base norms (`base2`, every header) and --size-mb's weight-relative allocation (the size2
-tensors), issue 14; the energy and qsvd tensors stayed the same. For each SD family, a small
+tensors), issue 14; the energy and qsvd tensors stayed the same; the float32 route's setting
+was added with it (issue 15), the others pinned to --exact-ranks. For each SD family, a small
 fixture pair compressed
 under three settings. A file is compared by its whole header (metadata included, only
 `modelspec.date` left out) and the sha256 of its tensor data. The fixture pair's own hashes are
@@ -25,10 +26,11 @@ from deltasvd.ranks import RankRule
 from deltasvd.safetensors_io import read_header, tensor_data_sha256
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "sd_reference.json")
-SETTINGS = {
-    "energy0.5": (RankRule("energy", 0.5), Codec()),
-    "size2": (RankRule("size_mb", 2.0), Codec()),
-    "qsvd8": (RankRule("energy", 0.3), Codec("svd", factor_bits=8)),
+SETTINGS = {   # the certified float64 route (--exact-ranks), and the default float32 one
+    "energy0.5": (RankRule("energy", 0.5, exact=True), Codec()),
+    "size2": (RankRule("size_mb", 2.0, exact=True), Codec()),
+    "qsvd8": (RankRule("energy", 0.3, exact=True), Codec("svd", factor_bits=8)),
+    "energy0.5-float32": (RankRule("energy", 0.5), Codec()),
 }
 FAMILIES = ("sd15", "sd21", "sdxl")
 
