@@ -50,7 +50,7 @@ def finite(text):
 
 
 EXACT_RANKS = ("certify every rank equal to the rule's on float64 singular values (about "
-               "twice the time; default: the rule on float32 values, README: Performance)")
+               "1.3x the time; default: the rule on float32 values, README: Performance)")
 
 
 def _add_rule_args(p, required=True, size=True, error=False):

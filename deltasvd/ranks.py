@@ -87,7 +87,7 @@ class RankRule:
     max_rank: int = None
     objective: str = "weight"
     # True: every rank certified equal to the rule's on the float64 singular values
-    # (--exact-ranks); False: the rule on float32 values (spectrum.py; about twice as fast)
+    # (--exact-ranks); False: the rule on float32 values (spectrum.py; about 1.3x as fast)
     exact: bool = False
 
     def __post_init__(self):

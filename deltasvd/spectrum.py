@@ -5,8 +5,9 @@ d*k*min(d,k) multiply-adds against several times more for an SVD. Two precisions
 
 * float32 (the default, "gram32"): each block's product in float32, the blocks summed in
   float64, then the reduction and the values in float32, and the rank taken from those values
-  as they are, as peers do. About twice as fast as float64 on the CPU (the Gram and the
-  tridiagonal reduction are most of the time). Not certified: a float32 eigenvalue is only
+  as they are, as peers do. On the CPU the Gram is about 2x and the tridiagonal reduction
+  about 1.6x faster than in float64 (one thread, 1280-2048 wide; together most of the time):
+  1.3x end to end on the SD1.5-layout pair. Not certified: a float32 eigenvalue is only
   known to about eps32 * ||M||^2, which leaves the sum-of-s rules formally undecided in most
   layers; measured against float64 (tests/test_fast_ranks.py, README: Performance) the ranks
   agreed on all 307 layers of the full-size SD1.5-layout pair and differed by one component on
