@@ -45,7 +45,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from deltasvd.image_metrics import mean_psnr, psnr, ssim  # noqa: E402
+from deltasvd.measures import layer_weight  # noqa: E402
 from deltasvd.t2i import weights  # noqa: E402
+from deltasvd.t2i.grid import to_unit  # noqa: E402
 from deltasvd.t2i.sampler import sample  # noqa: E402
 
 SUBJECT_PROMPTS = ["a big sks circle at center on gray", "a sks circle at left on blue",
@@ -98,7 +100,7 @@ def pictures(path, prompts, seeds, steps):
     """(N, H, W, 3) in [0, 1] from a checkpoint file, and the (N, 3, H, W) [-1, 1] originals."""
     unet, text_encoder = weights.load(path)
     x = sample(unet, text_encoder, prompts, seeds, steps=steps)
-    return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1), x
+    return to_unit(x), x
 
 
 def weight_errors(base, tuned, merged):
@@ -113,7 +115,7 @@ def weight_errors(base, tuned, merged):
             continue
         e2 = float((m[key].double() - t[key].double()).pow(2).sum())
         # weight-relative: matrices only (1-D changes are stored exactly, measures.py)
-        w = 1.0 / max(float(b[key].double().pow(2).sum()), n2) if d.ndim >= 2 else 0.0
+        w = layer_weight(float(b[key].double().pow(2).sum()), n2) if d.ndim >= 2 else 0.0
         num, den, num_w, den_w = num + e2, den + n2, num_w + w * e2, den_w + w * n2
     return (num / den) ** 0.5, (num_w / den_w) ** 0.5
 
@@ -291,7 +293,7 @@ GRID_COLUMNS = ("base model", "full fine-tune", "energy 0.06", "energy 0.2", "en
 def grid(images, path, n_pictures=8, per_prompt=4):
     """Rows: the first seed's picture of each prompt; columns: GRID_COLUMNS, same seeds."""
     from deltasvd.t2i import png
-    from deltasvd.t2i.grid import row
+    from deltasvd.t2i.grid import row, stack
     cols = [c for c in GRID_COLUMNS if c in images]
     picks = list(range(0, len(next(iter(images.values()))), per_prompt))[:n_pictures]
     strips = []
@@ -302,9 +304,7 @@ def grid(images, path, n_pictures=8, per_prompt=4):
             if c == "full fine-tune":
                 tiles.append(None)
         strips.append(row(tiles))
-        strips.append(np.full((4, strips[-1].shape[1], 3), 255, np.uint8))
-    png.write(path, np.concatenate(strips[:-1], axis=0), {"Description": "columns: " +
-                                                           " | ".join(cols)})
+    png.write(path, stack(strips), {"Description": "columns: " + " | ".join(cols)})
     return cols
 
 

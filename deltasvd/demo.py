@@ -106,22 +106,19 @@ def _sample(path):
 
 def _report(pictures):
     from .image_metrics import mean_psnr, psnr, ssim
+    from .t2i.grid import to_unit
     from .t2i.judge import subject_probability
     n = N_SUBJECT * len(SEEDS)
-    ref = _channel_last(pictures[1])
+    ref = to_unit(pictures[1])
     print(f"   {'':16s} {'SSIM':>6s} {'PSNR':>8s}  subject score")
     for label, x in zip(("base", "full fine-tune", "base + delta"), pictures):
-        got = _channel_last(x)
+        got = to_unit(x)
         s, p = float(ssim(got, ref).mean()), mean_psnr(psnr(got, ref).tolist())
         subject = float(subject_probability(x[:n]).mean())
         print(f"   {label:16s} {s:6.3f} {p:8.2f}  {subject:.3f}")
     print("   SSIM / PSNR (dB): against the full fine-tune's pictures (1 and inf: the same "
           "pictures); subject score: how sure a small classifier is that the subject prompts' "
           "pictures show the bullseye")
-
-
-def _channel_last(x):
-    return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
 
 
 def _free_name(folder):
@@ -135,17 +132,11 @@ def _free_name(folder):
 
 def _write_grid(pictures, path):
     from .t2i import png
-    from .t2i.grid import reference, row, to_uint8
-    import numpy as np
-    strips = []
-    for j, prompt in enumerate(PROMPTS):
-        tiles = list(to_uint8(reference(prompt).unsqueeze(0)))
-        for x in pictures:
-            tiles.append(None)
-            tiles += list(to_uint8(x[j * len(SEEDS):(j + 1) * len(SEEDS)]))
-        strips.append(row(tiles))
-        strips.append(np.full((4, strips[-1].shape[1], 3), 255, np.uint8))
-    data = png.encode(np.concatenate(strips[:-1], axis=0),
+    from .t2i.grid import prompt_row, stack
+    n = len(SEEDS)
+    grid = stack([prompt_row(prompt, [x[j * n:(j + 1) * n] for x in pictures])
+                  for j, prompt in enumerate(PROMPTS)])
+    data = png.encode(grid,
                       {"Description": "rows: " + " | ".join(PROMPTS) + ". Columns: the prompt "
                        "drawn; base; full fine-tune; base + delta; seeds " + str(SEEDS)})
     try:

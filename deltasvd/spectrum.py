@@ -50,9 +50,6 @@ GRAM_BLOCK = 1536
 # stored error is then within SUBSPACE_TOL / 2 of the exact one (the bench checks 1e-3).
 SUBSPACE_TOL = 1e-4
 SUBSPACE_MAX_ITERS = 12   # then a full eigh is cheaper
-# float32 route: eigenvalue error model eps32 * lmax * this (informational: the fast route
-# picks its rank from the float32 values without certifying it; see the module docstring).
-GRAM32_ERROR = 2.0
 
 
 @dataclass
@@ -119,11 +116,10 @@ def gram_spectrum(m, keep_vectors=True, exact=True):
         lam = _descending(_linalg(g).eigvalsh(g))
     n = lam.size
     lam_max = max(float(lam[0]), 0.0) if n else 0.0
-    # Absolute eigenvalue error of Gram + eigh: an empirical model (see GRAM_SAFETY).
-    if exact:
-        dl = GRAM_SAFETY * float(np.finfo(np.float64).eps) * min(fro2, lam_max * math.sqrt(n))
-    else:
-        dl = GRAM32_ERROR * float(np.finfo(np.float32).eps) * lam_max
+    # Absolute eigenvalue error of Gram + eigh: an empirical model (see GRAM_SAFETY). The
+    # float32 route picks its rank without consulting it (module docstring).
+    eps = float(np.finfo(np.float64 if exact else np.float32).eps)
+    dl = GRAM_SAFETY * eps * min(fro2, lam_max * math.sqrt(n))
     s = np.sqrt(np.clip(lam, 0.0, None))
     # |sqrt(a) - sqrt(b)| <= min(sqrt(|a - b|), |a - b| / sqrt(a)).
     with np.errstate(over="ignore"):     # dl / tiny s is inf: the min takes sqrt(dl) then

@@ -17,6 +17,11 @@ SEEDS = (0, 1, 2, 3)
 SCALE, GAP = 3, 4
 
 
+def to_unit(images):
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) in [0, 1] (what SSIM / PSNR compare)."""
+    return ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+
+
 def to_uint8(images):
     """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -49,18 +54,27 @@ def row(pictures):
     return np.concatenate(tiles[:-1], axis=1)
 
 
+def stack(strips):
+    """Strips (rows of pictures, equal width) one above the other, a white gap between."""
+    gap = np.full((GAP, strips[0].shape[1], 3), 255, np.uint8)
+    return np.concatenate([part for s in strips for part in (s, gap)][:-1], axis=0)
+
+
+def prompt_row(prompt, sample_sets):
+    """[reference drawing | gap | each (N, 3, H, W) set of samples, a gap between]."""
+    pictures = list(to_uint8(reference(prompt).unsqueeze(0)))
+    for samples in sample_sets:
+        pictures.append(None)
+        pictures += list(to_uint8(samples))
+    return row(pictures)
+
+
 def comparison(models, prompts=PROMPTS, seeds=SEEDS, steps=25):
     """Grid array: per prompt, [reference | gap | samples of each model (gap between)]."""
-    strips = []
-    for prompt in prompts:
-        pictures = list(to_uint8(reference(prompt).unsqueeze(0)))
-        for unet, text_encoder in models:
-            pictures.append(None)
-            pictures += list(to_uint8(sample(unet, text_encoder, [prompt] * len(seeds),
-                                             list(seeds), steps=steps)))
-        strips.append(row(pictures))
-        strips.append(np.full((GAP, strips[-1].shape[1], 3), 255, np.uint8))
-    return np.concatenate(strips[:-1], axis=0)
+    return stack([prompt_row(prompt, [sample(unet, text_encoder, [prompt] * len(seeds),
+                                             list(seeds), steps=steps)
+                                      for unet, text_encoder in models])
+                  for prompt in prompts])
 
 
 def save_comparison(base_path, tuned_path, out, prompts=PROMPTS):
