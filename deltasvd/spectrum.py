@@ -80,15 +80,16 @@ def gram(m, exact=True):
         a = m.double() if exact else m.float()
         return a.T @ a if tall else a @ a.T
     a = m.numpy()
-    rows = a if tall else a.T             # the long side's slices, each n wide
-    n = rows.shape[1]
+    long, n = (a.shape[0], a.shape[1]) if tall else (a.shape[1], a.shape[0])
     g = np.zeros((n, n), dtype=np.float64)
     # float32: values past its range give inf, and the caller falls back to float64
     with np.errstate(over="ignore", invalid="ignore"):
-        for r in range(0, rows.shape[0], GRAM_BLOCK):
-            blk = rows[r: r + GRAM_BLOCK]
-            blk = blk.astype(np.float64) if exact else np.ascontiguousarray(blk, np.float32)
-            g += blk.T @ blk                  # numpy: BLAS syrk
+        for r in range(0, long, GRAM_BLOCK):
+            # a wide matrix's column block is a strided view BLAS reads as it is (a copy of
+            # its transpose cost a third of the product)
+            blk = a[r: r + GRAM_BLOCK].T if tall else a[:, r: r + GRAM_BLOCK]
+            blk = blk.astype(np.float64) if exact else blk.astype(np.float32, copy=False)
+            g += blk @ blk.T                  # numpy: BLAS syrk
         return g if exact else g.astype(np.float32)
 
 
