@@ -308,14 +308,13 @@ def code_matrix(piece, rule, dtype, device, factor_bits=None):
         rec.err2 = float((piece.data - stored.float()).double().pow(2).sum())
         return {"diff": stored}, dec.s
     rec.kind, rec.rank = "svd", t
-    a, b = spectrum.factors(dec, md, t)
     if factor_bits:
+        a, b = spectrum.factors(dec, md, t)
         parts, a, b = quant.encode_factors(a.cpu(), b.cpu(), dec.s[:t], factor_bits)
         rec.kind = "qsvd"
         rec.err2 = spectrum.residual_norm(md, a.to(md.device), b.to(md.device)) ** 2
         return parts, dec.s
-    a, b = _stored(a, dtype, rec), _stored(b, dtype, rec)
-    rec.err2 = spectrum.residual_norm(md, a.float(), b.float()) ** 2
+    a, b, rec.err2 = spectrum.stored_factors(dec, md, t, lambda x: _stored(x, dtype, rec))
     return lora_parts(rec, a.cpu(), b.cpu()), dec.s
 
 

@@ -186,3 +186,34 @@ def test_residual_norm_is_float64_accurate_on_a_large_layer():
     ref = float((m.double() - a.double() @ b.double()).norm())
     assert abs(spectrum.residual_norm(m, a, b) / ref - 1) < 1e-7
     assert abs(spectrum.residual_norm(m, a[:, :0], b[:0]) / float(m.double().norm()) - 1) < 1e-7
+
+
+@pytest.mark.parametrize("shape", [(1536, 320), (320, 1536)])
+@pytest.mark.parametrize("decay", [0.3, 1.0, 2.0])
+def test_stored_factors_error_is_the_stored_pairs(shape, decay):
+    """The error stored_factors reports (the identity where the error is large, the formed
+    residual where it is small) is that of the fp16 pair it returns, against a float64
+    residual: both branches are taken over these spectra."""
+    d, k = shape
+    n = min(d, k)
+    g = torch.Generator().manual_seed(int(decay * 10) + d)
+    u, _ = torch.linalg.qr(torch.randn(d, n, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(k, n, generator=g, dtype=torch.float64))
+    s = torch.arange(1, n + 1, dtype=torch.float64) ** -decay
+    m = ((u * s) @ v.T).float()
+    dec = spectrum.gram_spectrum(m, exact=False)
+    branches = set()
+    for t in (1, 8, 48, n // 2):
+        a, b, err2 = spectrum.stored_factors(dec, m, t, lambda x: x.half())
+        assert a.dtype == b.dtype == torch.float16 and a.shape == (d, t) and b.shape == (t, k)
+        ref = float((m.double() - a.double() @ b.double()).norm())
+        assert abs(err2 ** 0.5 / ref - 1) < 1e-4, (t, err2 ** 0.5, ref)
+        branches.add(err2 >= spectrum.IDENTITY_MIN * dec.fro2)
+        # the rows of B are V_t^T (unit, orthogonal) and A B the best rank-t fit, to fp16
+        # (a float32 Gram resolves directions down to ~1e-3 of s_max only)
+        assert float(s[t - 1]) < 1e-3 or torch.allclose(b.double() @ b.double().T, torch.eye(t, dtype=torch.float64),
+                              atol=3e-3)
+        best = float(s[t:].pow(2).sum().sqrt())
+        assert ref <= best * 1.01 + 1e-3 * float(m.double().norm())
+    if decay == 2.0:
+        assert branches == {True, False}
