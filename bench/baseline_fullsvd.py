@@ -1,6 +1,6 @@
 """Plain baseline for the benchmark: a full float32 SVD per layer, nothing clever.
 
-    python bench/baseline_fullsvd.py BASE TUNED -o OUT [--energy 0.5 | --rank R]
+    python bench/baseline_fullsvd.py BASE TUNED -o OUT [--energy 0.5 | --rank R [--lowrank-iters N]]
 
 * both checkpoints are loaded whole into memory (`safetensors.torch.load_file`);
 * every UNet / text-encoder matrix (Linear, Conv reshaped out x in*kh*kw) that differs between
@@ -8,6 +8,8 @@
   rank by the paper's energy rule on those float32 values (smallest t with
   sum(s[:t]) / sum(s) >= T, at least 1), A = U_t S_t and B = V_t^T stored fp16;
 * OpenCLIP's fused `in_proj_weight` is split into q, k, v rows (as ComfyUI and A1111 name them);
+* `--lowrank-iters N` (with `--rank`): `torch.svd_lowrank(dW, q=R, niter=N)` instead, the
+  randomized fixed-rank route of KJNodes' LoRA extractor (its standard mode, lowrank_iters 7);
 * kohya LoRA names (`deltasvd.families`, the names ComfyUI and A1111 both load), alpha = rank;
   SDXL's `text_projection` goes under ComfyUI's `lora_te2_text_projection` (transposed, as
   ComfyUI holds it); a changed matrix with no LoRA name is skipped and counted;
@@ -56,6 +58,9 @@ def energy_rank(s, target):
 
 def factor(m, args):
     """(A, B) of the float32 matrix m under the rule, by economy SVD."""
+    if args.lowrank_iters is not None:
+        u, s, v = torch.svd_lowrank(m, q=min(args.rank, *m.shape), niter=args.lowrank_iters)
+        return (u * s).contiguous(), v.T.contiguous()
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     if args.rank:
         t = min(args.rank, s.numel())
@@ -72,7 +77,11 @@ def main(argv=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--energy", type=float, default=0.5)
     g.add_argument("--rank", type=int, default=None)
+    p.add_argument("--lowrank-iters", type=int, default=None,
+                   help="with --rank: torch.svd_lowrank with this many power iterations")
     args = p.parse_args(argv)
+    if args.lowrank_iters is not None and not args.rank:
+        p.error("--lowrank-iters needs --rank")
 
     t0 = time.perf_counter()
     base = load_file(args.base)
@@ -110,7 +119,8 @@ def main(argv=None):
             ranks[name] = r
             layers += 1
     del base, tuned
-    meta = {"baseline": "full float32 economy SVD per layer",
+    meta = {"baseline": ("torch.svd_lowrank per layer" if args.lowrank_iters is not None
+                         else "full float32 economy SVD per layer"),
             "rule": f"rank={args.rank}" if args.rank else f"energy={args.energy}",
             "skipped_no_lora_name": json.dumps(skipped)}
     tmp = args.out + ".tmp"
