@@ -835,7 +835,7 @@ def format_main(runs, ev, n_layers, family, scale, thr):
         lines.append(
             f"| {r.label} | {fmt(r.wall_s, '.1f')} | {fmt(r.peak_rss_mb, '.0f')} | "
             f"{fmt(r.out_mb, '.1f')} | {fmt(e.get('mean_rel_err'), '.4f')} | "
-            f"{f'{rm[0]}/{rm[1]}' if rm else 'n/a'} | {_fraction(e.get('ranks_within_1'))} | "
+            f"{_fraction(rm)} | {_fraction(e.get('ranks_within_1'))} | "
             f"{ratio} | "
             f"{e.get('stored', '')}{'/' + str(n_layers) if e else ''} | {note} |")
     lines += ["", "time / ours: against deltasvd with the same rule (--energy rows against "

@@ -19,9 +19,10 @@ own), and scores the pictures against the full fine-tune's from the same seeds:
 Rows: the paper's energy rule at its Table 1 thresholds; --size-mb at the same sizes, with
 today's weight-relative allocation and with the plain Frobenius one it replaced (the library's
 RankRule(objective="fro"), written by the same writer; not a command line option); fixed
-ranks, and --size-mb at their sizes; --max-error; int8 factors; Delta-DCT at 1-4 bits; and a 1-bit sign baseline
-(sign(dW) times mean |dW| per matrix, BitDelta's initialisation; not a deltasvd codec, built
-here: its size is 1 bit per matrix value + one fp16 scale per matrix + the 1-D deltas in fp32).
+ranks, and --size-mb at their sizes; --max-error; int8 factors; Delta-DCT at 1-4 bits; and a
+1-bit sign baseline (sign(dW) times mean |dW| per matrix, BitDelta's initialisation; not a
+deltasvd codec, built here: its size is 1 bit per matrix value + one fp16 scale per matrix + the
+1-D deltas in fp32).
 The base model and the full fine-tune are the floor and the ceiling.
 
 Writes table.md, rows.json and, with --docs, docs/fidelity_rd.png (image-space rate-distortion)

@@ -150,8 +150,9 @@ def _tridiagonal_vectors(tri, t):
         else:
             liwork = -1
         lp.call(_name("stemr", dt), _char("V"), _char("I"), lp.int(n), _ptr(diag), _ptr(off),
-                _real(0.0, dt), _real(0.0, dt), lp.int(n - t + 1), lp.int(n), ctypes.byref(found), _ptr(w),
-                _ptr(z), lp.int(n), lp.int(t), _ptr(isuppz), ctypes.byref(tryrac),
+                _real(0.0, dt), _real(0.0, dt), lp.int(n - t + 1), lp.int(n),
+                ctypes.byref(found), _ptr(w), _ptr(z), lp.int(n), lp.int(t), _ptr(isuppz),
+                ctypes.byref(tryrac),
                 _ptr(work), lp.int(lwork), _ptr(iwork), lp.int(liwork), chars=2)
     if found.value != t:
         raise LapackError(f"LAPACK {_name('stemr', dt)} found {found.value} of {t} eigenvectors")
@@ -167,6 +168,6 @@ def _back_transform(tri, z):
         if lwork is None:
             lwork = int(work[0])
             work = np.empty(max(lwork, 1), z.dtype)
-        lp.call(_name("ormtr", z.dtype), _char("L"), _char("L"), _char("N"), lp.int(n), lp.int(t), _ptr(tri.h),
-                lp.int(n), _ptr(tri.tau), _ptr(z), lp.int(n), _ptr(work), lp.int(lwork),
-                chars=3)
+        lp.call(_name("ormtr", z.dtype), _char("L"), _char("L"), _char("N"), lp.int(n),
+                lp.int(t), _ptr(tri.h), lp.int(n), _ptr(tri.tau), _ptr(z), lp.int(n),
+                _ptr(work), lp.int(lwork), chars=3)

@@ -211,8 +211,9 @@ def test_stored_factors_error_is_the_stored_pairs(shape, decay):
         branches.add(err2 >= spectrum.IDENTITY_MIN * dec.fro2)
         # the rows of B are V_t^T (unit, orthogonal) and A B the best rank-t fit, to fp16
         # (a float32 Gram resolves directions down to ~1e-3 of s_max only)
-        assert float(s[t - 1]) < 1e-3 or torch.allclose(b.double() @ b.double().T, torch.eye(t, dtype=torch.float64),
-                              atol=3e-3)
+        eye = torch.eye(t, dtype=torch.float64)
+        assert float(s[t - 1]) < 1e-3 or torch.allclose(b.double() @ b.double().T, eye,
+                                                        atol=3e-3)
         best = float(s[t:].pow(2).sum().sqrt())
         assert ref <= best * 1.01 + 1e-3 * float(m.double().norm())
     if decay == 2.0:
