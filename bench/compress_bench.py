@@ -59,7 +59,8 @@ EMBEDDINGS = {
 TE_PREFIX = {"sd15": {"clip_l": "lora_te_"}, "sdxl": {"clip_l": "lora_te1_", "clip_g": "lora_te2_"}}
 ENERGY = 0.5
 PEER_RANK = 64
-ALL_TOOLS = ("ours", "ours-exact", "ours-r64", "comfy", "lycoris", "baseline", "lowrank")
+ALL_TOOLS = ("ours", "ours-exact", "ours-r64", "ours-r64-exact", "comfy", "lycoris", "baseline",
+             "lowrank")
 LOWRANK_ITERS = 7   # torch.svd_lowrank power iterations: KJNodes' default (lowrank_iters)
 
 
@@ -192,11 +193,13 @@ def tool_commands(tool, base, tuned, out_dir, family, scale):
     py = sys.executable
     me = str(Path(__file__).resolve())
     o = lambda name: str(out_dir / name)  # noqa: E731
-    if tool in ("ours", "ours-exact", "ours-r64"):
+    if tool.startswith("ours"):
         out, rule = {"ours": ("ours_e05.safetensors", ["--energy", str(ENERGY)]),
                      "ours-exact": ("ours_e05_exact.safetensors",
                                     ["--energy", str(ENERGY), "--exact-ranks"]),
-                     "ours-r64": ("ours_r64.safetensors", ["--rank", str(PEER_RANK)])}[tool]
+                     "ours-r64": ("ours_r64.safetensors", ["--rank", str(PEER_RANK)]),
+                     "ours-r64-exact": ("ours_r64_exact.safetensors",
+                                        ["--rank", str(PEER_RANK), "--exact-ranks"])}[tool]
         return [("", [py, "-m", "deltasvd", "compress", base, tuned, "-o", o(out), *rule],
                  o(out))]
     if tool == "baseline":
@@ -224,6 +227,7 @@ LABELS = {"ours": f"deltasvd --energy {ENERGY}",
           "ours-exact": f"deltasvd --energy {ENERGY} --exact-ranks",
           "lowrank": f"torch.svd_lowrank rank {PEER_RANK}, niter {LOWRANK_ITERS}",
           "ours-r64": f"deltasvd --rank {PEER_RANK}",
+          "ours-r64-exact": f"deltasvd --rank {PEER_RANK} --exact-ranks",
           "comfy": f"ComfyUI LoraSave rank {PEER_RANK}",
           "lycoris": f"LyCORIS extract_diff rank {PEER_RANK}",
           "baseline": f"full fp32 SVD --energy {ENERGY}"}
@@ -808,6 +812,20 @@ def _float32_tolerance(ev):
             f"{max(moved):.1e} relative where the ranks agree (tolerance 1e-3)."] if moved else []
 
 
+def _sketch_against_truncation(ev):
+    """--rank's randomized SVD against the exact truncation (--exact-ranks), layer by layer."""
+    fast, exact = ev.get("ours-r64", {}), ev.get("ours-r64-exact", {})
+    if not (fast.get("layer_errs") and exact.get("layer_errs")):
+        return []
+    excess = [a / b - 1 for a, b in zip(fast["layer_errs"], exact["layer_errs"])
+              if a is not None and b]
+    if not excess:
+        return []
+    return ["", f"--rank {PEER_RANK}'s randomized SVD against the exact truncation "
+            f"(--exact-ranks), per layer: error higher by a median {np.median(excess):.1e}, "
+            f"at most {max(excess):.1e} relative ({len(excess)} layers)."]
+
+
 def format_main(runs, ev, n_layers, family, scale, thr):
     by = {r.tool: r for r in runs}
     lines = [f"{family} {scale} pair: {n_layers} changed UNet + text-encoder matrix layers; "
@@ -818,7 +836,8 @@ def format_main(runs, ev, n_layers, family, scale, thr):
     notes = []
     for r in runs:
         e = ev.get(r.tool, {})
-        ref = by.get("ours-r64" if r.tool in ("ours-r64", "comfy", "lycoris", "lowrank")
+        ref = by.get("ours-r64" if r.tool in ("ours-r64", "ours-r64-exact", "comfy", "lycoris",
+                                              "lowrank")
                      else "ours")
         ratio = (f"{r.wall_s / ref.wall_s:.1f}x" if r.rc == 0 and ref and ref.rc == 0 and
                  ref.wall_s else "")
@@ -840,7 +859,7 @@ def format_main(runs, ev, n_layers, family, scale, thr):
             f"{e.get('stored', '')}{'/' + str(n_layers) if e else ''} | {note} |")
     lines += ["", "time / ours: against deltasvd with the same rule (--energy rows against "
               f"--energy {ENERGY}, rank-{PEER_RANK} rows against --rank {PEER_RANK})."]
-    lines += _against_comfy(by) + _float32_tolerance(ev)
+    lines += _against_comfy(by) + _float32_tolerance(ev) + _sketch_against_truncation(ev)
     if thr:
         lines += ["", f"Re-targeting the --energy {ENERGY} file without the checkpoints "
                   f"({thr['layers']} layers, {thr['thresholds']} thresholds "

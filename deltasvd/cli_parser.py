@@ -50,7 +50,8 @@ def finite(text):
 
 
 EXACT_RANKS = ("certify every rank equal to the rule's on float64 singular values (about "
-               "1.3x the time; default: the rule on float32 values, README: Performance)")
+               "1.3x the time; default: the rule on float32 values, README: Performance); "
+               "with --rank, the exact truncated SVD and every layer's whole spectrum")
 
 
 def _add_rule_args(p, required=True, size=True, error=False):
@@ -59,7 +60,10 @@ def _add_rule_args(p, required=True, size=True, error=False):
                    help="smallest rank with sum(s[:t]) / sum(s) >= T (the paper's rule), 0<T<=1")
     g.add_argument("--fro", type=finite, metavar="F",
                    help="the same on s^2: retained Frobenius energy, 0<F<=1")
-    g.add_argument("--rank", type=int, metavar="R", help="a fixed rank for every layer")
+    g.add_argument("--rank", type=int, metavar="R",
+                   help="a fixed rank for every layer (compress: a randomized SVD where that is "
+                   "cheaper, keeping only those R singular values: resize by rank, --fro or "
+                   "size, not --energy; --exact-ranks: the exact truncation, whole spectra)")
     if size:
         g.add_argument("--size-mb", type=finite, metavar="M",
                        help="a total file size in MiB; ranks shared out over all layers to "
@@ -80,8 +84,10 @@ def rule_of(args):
     for mode in MODES:
         value = getattr(args, mode, None)
         if value is not None:
-            return RankRule(mode, value, args.min_rank, args.max_rank,
-                            exact=getattr(args, "exact_ranks", False))
+            exact = getattr(args, "exact_ranks", False)
+            sketch = mode == "rank" and not exact and getattr(args, "command", "") == "compress"
+            return RankRule(mode, value, args.min_rank, args.max_rank, exact=exact,
+                            sketch=sketch)
     return None
 
 

@@ -294,11 +294,13 @@ def code_matrix(piece, rule, dtype, device, factor_bits=None):
     m = spectrum.as_matrix(piece.data)
     d, k = m.shape
     md = m.to(device)
+    if rule.sketch and rule.mode == "rank":
+        coded = _code_sketched(piece, md, rule.clamp(int(rule.value), min(d, k)), dtype,
+                               factor_bits)
+        if coded is not None:
+            return coded
     dec, t, dense = spectrum.decide_rank(md, rule)
-    if len(dec.s) and dec.s[0] > SPECTRUM_MAX:
-        raise DeltaError(f"the fine-tune changed this tensor far more than fine-tuning does "
-                         f"(largest singular value of the change {dec.s[0]:.3g}): is the file "
-                         "damaged, or not a fine-tune of this base?", None, rec.key)
+    _check_scale(dec.s, rec)
     rec.n, rec.precision = min(d, k), dec.precision
     rec.sum_s, rec.sum_s2 = float(np.sum(dec.s)), float(np.sum(dec.s * dec.s))
     rec.norm2 = dec.fro2
@@ -316,6 +318,38 @@ def code_matrix(piece, rule, dtype, device, factor_bits=None):
         return parts, dec.s
     a, b, rec.err2 = spectrum.stored_factors(dec, md, t, lambda x: _stored(x, dtype, rec))
     return lora_parts(rec, a.cpu(), b.cpu()), dec.s
+
+
+def _check_scale(s, rec):
+    if len(s) and s[0] > SPECTRUM_MAX:
+        raise DeltaError(f"the fine-tune changed this tensor far more than fine-tuning does "
+                         f"(largest singular value of the change {s[0]:.3g}): is the file "
+                         "damaged, or not a fine-tune of this base?", None, rec.key)
+
+
+def _code_sketched(piece, md, t, dtype, factor_bits):
+    """--rank t without the whole spectrum (spectrum.sketched_factors), where that is the
+    cheaper route; None elsewhere (the caller takes the Gram route). The record keeps only the
+    head of its spectrum: precision "rand", sum_s unknown (0), so it resizes by rank, --fro or
+    size but not by energy (resize.py)."""
+    d, k = md.shape
+    rec = piece.rec
+    if t < 1 or not spectrum.sketch_fits(d, k, t):
+        return None
+    keep = (lambda x: x) if factor_bits else (lambda x: _stored(x, dtype, rec))
+    got = spectrum.sketched_factors(md, t, keep)
+    if got is None:
+        return None
+    s, a, b, rec.err2, fro2 = got
+    _check_scale(s, rec)
+    rec.n, rec.precision, rec.kind, rec.rank = min(d, k), "rand", "svd", t
+    rec.sum_s, rec.sum_s2, rec.norm2 = 0.0, fro2, fro2
+    if factor_bits:
+        parts, a, b = quant.encode_factors(a.cpu(), b.cpu(), s, factor_bits)
+        rec.kind = "qsvd"
+        rec.err2 = spectrum.residual_norm(md, a.to(md.device), b.to(md.device)) ** 2
+        return parts, s
+    return lora_parts(rec, a.cpu(), b.cpu()), s
 
 
 def _stored(t, dtype, rec):

@@ -23,7 +23,9 @@ Header metadata (strings; stock loaders ignore it):
   deltasvd.bits (dct: the budget in bits per parameter), deltasvd.factor_bits (qsvd)
   deltasvd.ranks    JSON {module: rank}
   deltasvd.layers   base64(zlib(JSON)) one record per stored piece (see LayerRecord)
-  deltasvd.spectra  base64(zlib(float16 full spectra, then float64 heads s[:rank]))
+  deltasvd.spectra  base64(zlib(float16 full spectra, then float64 heads s[:rank])); a record
+                    of precision "rand" (compress --rank's randomized SVD) keeps s[:rank]
+                    alone in both, and the file is then version 2
   deltasvd.extras   base64(zlib(safetensors bytes)) deltas of tensors no stock loader maps
   ss_* / modelspec.* / sshs_model_hash  what A1111 and Civitai read
 """
@@ -47,11 +49,17 @@ from .safetensors_io import HEADER_LIMIT, SafeTensorsFile, data_sha256, write_te
 
 FORMAT = "deltasvd"
 VERSION = "1"
+# Version 2: records may keep only the head of their spectrum (precision RANDOMIZED). Written
+# only by files that have such records, so that a release which reads version 1 alone says
+# "update" instead of calling the file corrupt; every other file stays version 1.
+HEAD_ONLY_VERSION = "2"
+READ_VERSIONS = (VERSION, HEAD_ONLY_VERSION)
 KNOWN_CODECS = ("svd", "qsvd", "dct")
 FACTORED_KINDS = ("svd", "qsvd")   # records stored as factors of a rank
 CODED_PREFIX = "deltasvd:"   # tensor names in files of a codec other than "svd"
 EXTRAS_PREFIX = CODED_PREFIX + "extra:"   # ... and their extras (a tensor, not the blob)
 INFLATE_MIN, INFLATE_RATIO = 64 << 20, 64   # bound on an inflated metadata blob (_unpack)
+RANDOMIZED = "rand"   # a record's precision when only the head of its spectrum is known
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -68,14 +76,22 @@ class LayerRecord:
     extra: bool = False       # stored in the extras blob, not as a LoRA tensor
     rank: int = 0
     n: int = 0                # length of the full spectrum (min(d, k)); 0 for exact
-    sum_s: float = 0.0        # float64 totals of the full spectrum, for exact resizing
+    sum_s: float = 0.0        # float64 totals of the full spectrum, for exact resizing (sum_s
+                              # is unknown, 0, for a "rand" record: spectrum_len)
     sum_s2: float = 0.0
     err2: float = 0.0         # squared residual after storage rounding
     norm2: float = 0.0        # squared Frobenius norm of the delta
-    precision: str = ""       # what decided the rank: gram32, gram64 or svd64 (spectrum.py)
+    precision: str = ""       # what gave the values: gram32, gram64, svd64, or rand (a
+                              # randomized SVD at a fixed rank: spectrum.sketched_factors)
     patch: int = 0            # dct: patch size
     base2: float = None       # squared Frobenius norm of the base weight it patches (measures.py);
                               # None in files written before it was recorded
+
+    @property
+    def spectrum_len(self):
+        """Singular values the file keeps: the whole spectrum (n), or for a "rand" record only
+        the first `rank`, all the randomized SVD measured."""
+        return self.rank if self.precision == RANDOMIZED else self.n
 
     @property
     def matrix_shape(self):
@@ -247,14 +263,15 @@ def encode_metadata(delta):
     full, head = [], []
     for i, rec in enumerate(delta.records):
         if i in delta.spectra:
-            full.append(np.asarray(delta.spectra[i][0], dtype=np.float16))
+            full.append(np.asarray(delta.spectra[i][0][: rec.spectrum_len], dtype=np.float16))
             head.append(np.asarray(delta.spectra[i][1][: rec.rank], dtype=np.float64))
     full_b = np.concatenate(full).tobytes() if full else b""
     head_b = np.concatenate(head).tobytes() if head else b""
     meta = {f"deltasvd.{k}": str(v) for k, v in delta.info.items()}
     meta.update({
         "deltasvd.format": FORMAT,
-        "deltasvd.version": VERSION,
+        "deltasvd.version": (HEAD_ONLY_VERSION if any(r.precision == RANDOMIZED
+                                                      for r in delta.records) else VERSION),
         "deltasvd.family": delta.family,
         "deltasvd.ranks": json.dumps({r.name: r.rank for r in delta.records
                                       if r.kind == "svd" and not r.extra}, separators=(",", ":")),
@@ -332,9 +349,10 @@ def _read_file(path):
         if meta.get("deltasvd.format") != FORMAT:
             raise DeltaError("not a deltasvd delta file (no deltasvd.format in its metadata; a "
                              "plain LoRA is applied with the host's LoRA loader)", path)
-        if meta.get("deltasvd.version") != VERSION:
+        if meta.get("deltasvd.version") not in READ_VERSIONS:
             raise DeltaError(f"delta format version {meta.get('deltasvd.version')} is not "
-                             f"supported by this deltasvd (reads version {VERSION})", path)
+                             f"supported by this deltasvd (reads versions "
+                             f"{', '.join(READ_VERSIONS)}); update deltasvd", path)
         codec = meta.get("deltasvd.codec", "svd")
         if codec not in KNOWN_CODECS:
             raise DeltaError(f"unknown codec {codec!r}: this deltasvd reads "
@@ -389,8 +407,8 @@ def _decode_spectra(records, raw):
     spectra, fi, hi = {}, 0, 0
     for i, rec in enumerate(records):
         if rec.n:
-            spectra[i] = (full[fi: fi + rec.n], head[hi: hi + rec.rank])
-            fi += rec.n
+            spectra[i] = (full[fi: fi + rec.spectrum_len], head[hi: hi + rec.rank])
+            fi += rec.spectrum_len
             hi += rec.rank
     if fi != full.size or hi != head.size:
         raise ValueError("spectra do not match the layer records")

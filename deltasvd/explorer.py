@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .api import analyse_pair, host_meta_fn
-from .delta_file import STORAGE_DTYPES, file_size, lora_parts, tensor_names
+from .delta_file import RANDOMIZED, STORAGE_DTYPES, file_size, lora_parts, tensor_names
 from .groups import format_table, group_of, group_rows, rel_error
 from .measures import has_base_norms, weighted_error
 from .plot import layer_values
@@ -181,7 +181,10 @@ class Explorer:
             kept = float(np.sum(s[:t]) / np.sum(s)) if np.sum(s) > 0 else 1.0
             d, k = rec.matrix_shape
             rows.append([group_of(rec.key, delta.family), rec.name, f"{d}x{k}", rec.kind, t,
-                         rec.n, round(kept, 4), round(record_bytes(delta, rec) / 1024, 1),
+                         rec.n,
+                         # the head alone (a randomized SVD's) has no sum(s) to be a share of
+                         "" if rec.precision == RANDOMIZED else round(kept, 4),
+                         round(record_bytes(delta, rec) / 1024, 1),
                          round(rel_error(rec.err2, rec.norm2), 4)])
         col = {"size": 7, "rank": 4, "error": 8, "name": 1}.get(sort, 7)
         return sorted(rows, key=lambda r: r[col], reverse=sort != "name")

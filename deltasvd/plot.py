@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .delta_file import STORAGE_DTYPES
+from .delta_file import RANDOMIZED, STORAGE_DTYPES
 from . import families
 from .ranks import RankRule, is_dense
 from .resize import new_rank
@@ -30,8 +30,10 @@ class Curve:
 
 
 def measure_of(delta):
-    """'fro' for a delta made with the Frobenius rule, else 'energy' (the paper's)."""
-    return "fro" if delta.info.get("mode") == "fro" else "energy"
+    """'fro' for a delta made with the Frobenius rule, or one whose layers keep only the head
+    of their spectrum (the energy rule needs sum(s), which they lack); else 'energy'."""
+    head_only = any(r.precision == RANDOMIZED for r in delta.records)
+    return "fro" if delta.info.get("mode") == "fro" or head_only else "energy"
 
 
 def layer_values(delta, i):

@@ -89,6 +89,9 @@ class RankRule:
     # True: every rank certified equal to the rule's on the float64 singular values
     # (--exact-ranks); False: the rule on float32 values (spectrum.py; about 1.3x as fast)
     exact: bool = False
+    # rank mode: a randomized range finder where it is cheaper, keeping only the head of each
+    # spectrum (spectrum.sketched_factors; `compress --rank` unless --exact-ranks)
+    sketch: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -2,14 +2,16 @@
 
 Exact: factors are ordered by singular value, so the rank-t' truncation of the stored rank-t
 factors is A[:, :t'] B[:t'], and the file keeps each layer's float64 spectrum head and totals,
-so the rules see the same numbers `compress` saw."""
+so the rules see the same numbers `compress` saw. A layer made by `compress --rank`'s
+randomized SVD keeps the head alone, with ||M||^2 but not sum(s): --rank, --fro and --size-mb
+cut it as any other, the energy rule cannot (head_only_problem)."""
 
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from .delta_file import STORAGE_DTYPES, Delta, lora_parts, tensor_names
+from .delta_file import RANDOMIZED, STORAGE_DTYPES, Delta, lora_parts, tensor_names
 from .errors import DeltaError
 from .measures import layer_weight
 from .ranks import allocate_budget, is_dense
@@ -45,6 +47,23 @@ def new_rank(rule, rec, head):
     return rule.clamp(t, n)
 
 
+def head_only_layers(delta):
+    """Records that keep only the head of their spectrum (`compress --rank`'s randomized SVD)."""
+    return sum(r.precision == RANDOMIZED for r in delta.records)
+
+
+def head_only_problem(delta, mode):
+    """Why the rule `mode` cannot cut `delta`, or None: the energy rule needs sum(s) over the
+    whole spectrum, which a randomized SVD never measured."""
+    n = head_only_layers(delta)
+    if mode != "energy" or not n:
+        return None
+    return (f"{n} layers of this delta were made by compress --rank's randomized SVD, which "
+            "keeps only their first singular values, and the energy rule needs the sum of all "
+            "of them: resize it with --rank, --fro or --size-mb, or compress again with "
+            "--energy (or --rank with --exact-ranks, which keeps every spectrum whole)")
+
+
 def copy_delta(delta):
     """A copy whose records and tensor dicts can be changed without touching `delta`."""
     return Delta(family=delta.family, records=[replace(r) for r in delta.records],
@@ -63,6 +82,9 @@ def _mark(out, delta, rule):
 
 def resize(delta, rule):
     """A new Delta cut to a per-layer `rule`. Refuses to grow a layer beyond the file."""
+    problem = head_only_problem(delta, rule.mode)
+    if problem:
+        raise DeltaError(problem, delta.info.get("file"))
     out = copy_delta(delta)
     for i in _coded(out):
         _cut(out, i, new_rank(rule, out.records[i], out.spectra[i][1]))
@@ -75,7 +97,9 @@ def _cut(delta, i, t):
     d, k = rec.matrix_shape
     if rec.kind == "svd":
         if t > rec.rank:
-            raise DeltaError(f"the new setting needs rank {t} but the file stores {rec.rank}: "
+            # a head-only record knows only that its rule was not met within the head
+            needs = f"more than rank {rec.rank}" if rec.precision == RANDOMIZED else f"rank {t}"
+            raise DeltaError(f"the new setting needs {needs} but the file stores {rec.rank}: "
                              "a delta can only be cut smaller; compress again from the "
                              "checkpoints", delta.info.get("file"), rec.name)
         if t < rec.rank:

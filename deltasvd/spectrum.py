@@ -269,19 +269,85 @@ def stored_factors(dec, m, t, store):
     subtraction would cancel, and the residual is formed."""
     q = top_vectors(dec, m, t).to(device=m.device, dtype=m.dtype)
     if dec.tall:                                  # q = V_t: A B = M V_t V_t^T
-        b = store(q.T.contiguous())
-        mb = m @ b.to(m.dtype).T
-        a = store(mb)
-        inner = float((mb.double() * a.double()).sum())                        # <M B^T, A>
-    else:
-        a32, b32 = factors(dec, m, t, q)
-        a, b = store(a32), store(b32)
-        inner = float(((a.to(m.dtype).T @ m).double() * b.double()).sum())   # <A^T M, B>
+        return _through_rows(m, q, store, dec.fro2)
+    a32, b32 = factors(dec, m, t, q)
+    a, b = store(a32), store(b32)
+    inner = float(((a.to(m.dtype).T @ m).double() * b.double()).sum())   # <A^T M, B>
+    return a, b, _error2(m, a, b, dec.fro2, inner)
+
+
+def _through_rows(m, v, store, fro2):
+    """The stored pair B = V^T (rounded first), A = M B^T, for orthonormal columns v (k x t),
+    and its squared error; <M, A B> = <M B^T, A> comes with A."""
+    b = store(v.T.contiguous())
+    mb = m @ b.to(m.dtype).T
+    a = store(mb)
+    inner = float((mb.double() * a.double()).sum())
+    return a, b, _error2(m, a, b, fro2, inner)
+
+
+def _error2(m, a, b, fro2, inner):
+    """||M - A B||^2 from fro2 = ||M||^2 and inner = <M, A B> (stored_factors' docstring)."""
     a64, b64 = a.double(), b.double()
-    err2 = dec.fro2 - 2 * inner + float(((a64.T @ a64) * (b64 @ b64.T)).sum())
-    if not err2 >= IDENTITY_MIN * dec.fro2:
+    err2 = fro2 - 2 * inner + float(((a64.T @ a64) * (b64 @ b64.T)).sum())
+    if not err2 >= IDENTITY_MIN * fro2:
         err2 = residual_norm(m, a.to(m.dtype), b.to(m.dtype)) ** 2
-    return a, b, err2
+    return err2
+
+
+# --rank R without the whole spectrum: a randomized range finder (Halko, Martinsson and Tropp,
+# SIAM Review 2011): l = R + oversampling random directions, SKETCH_POWER power iterations,
+# then the exact SVD of the small projection Q^T M. At equal cost, oversampling bought more
+# accuracy than more power iterations on flat (noise-like) tails, where the range converges
+# slowly; measured excess error over the exact truncation: README, Performance.
+SKETCH_POWER = 2
+SKETCH_MIN_OVERSAMPLE = 10
+
+
+def sketch_width(t, d, k):
+    """Columns of the sketch for rank t: t plus half as many again (at least 10)."""
+    return min(t + max(SKETCH_MIN_OVERSAMPLE, t // 2), d, k)
+
+
+def sketch_fits(d, k, t):
+    """Whether rank t of a d x k matrix costs less by the sketch than by the Gram route, in
+    multiply-adds: 2 (SKETCH_POWER + 1) products of M with l columns, against the Gram
+    (n^2 long / 2), its tridiagonal reduction (2/3 n^3) and the vectors' back-transform
+    (2 n^2 t), with n = min(d, k)."""
+    n, long = min(d, k), max(d, k)
+    sketch = 2 * (SKETCH_POWER + 1) * sketch_width(t, d, k) * n * long
+    return sketch < n * n * long / 2 + 2 * n ** 3 / 3 + 2 * n * n * t
+
+
+def sketched_factors(m, t, store):
+    """Rank-t factors of M from a randomized range finder: (s, A, B, err2, fro2).
+
+    s: the t leading singular values of Q^T M (float64; each at most M's own, and equal to
+    it once the range has converged); A and B as stored, B = V_t^T rounded first and
+    A = M B^T, so A B is M projected on the found rows, ordered by s; err2 = ||M - A B||_F^2
+    of that pair, exact whatever the sketch missed. None where the products leave float32
+    (the Gram route then measures the layer)."""
+    d, k = m.shape
+    width = sketch_width(t, d, k)
+    # drawn on the CPU from a fixed seed: the same file on every device and every run
+    omega = np.random.default_rng(0).standard_normal((k, width), dtype=np.float32)
+    y = m @ torch.from_numpy(omega).to(m.device)
+    q = torch.linalg.qr(y).Q
+    for _ in range(SKETCH_POWER):
+        q = torch.linalg.qr(m @ torch.linalg.qr(m.T @ q).Q).Q
+    # Q^T M = (M^T Q)^T = R^T P^T (QR of the k x l block), and R^T = U S W^T: the singular
+    # values of Q^T M are S and its right vectors P W; an l x l SVD instead of an l x k one
+    p, r = torch.linalg.qr((q.T @ m).T)
+    _, s, wh = torch.linalg.svd(r.T.double())
+    s = s.cpu().numpy()[:t]
+    # row norms in float32 (each ~1e-7 relative), summed in float64: a float64 pass over M
+    # cost more than a product
+    fro2 = float((torch.linalg.vector_norm(m, dim=1).double() ** 2).sum())
+    if not (np.isfinite(s).all() and math.isfinite(fro2)):
+        return None
+    v = p @ wh[:t].T.to(p.dtype)
+    a, b, err2 = _through_rows(m, v, store, fro2)
+    return s, a, b, err2, fro2
 
 
 def residual_norm(m, a, b):

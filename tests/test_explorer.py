@@ -28,7 +28,10 @@ def explorer(pair):
 def test_setting_equals_compress(explorer, pair, tmp_path, mode, value):
     flag = {"energy": "--energy", "fro": "--fro", "rank": "--rank"}[mode]
     out = tmp_path / "out.safetensors"
-    printed = cli_compress(*pair, out, flag, str(value))
+    # the page's Save keeps whole spectra; `compress --rank` alone takes the randomized SVD
+    # (tests/test_sketch.py), --exact-ranks the truncation the page previews
+    exact = ["--exact-ranks"] if mode == "rank" else []
+    printed = cli_compress(*pair, out, flag, str(value), *exact)
     preview = explorer.preview(mode, value)
     assert_same_table(explorer.group_table(preview), printed)
     real = read_delta(out)
