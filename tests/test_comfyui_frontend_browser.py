@@ -17,7 +17,6 @@ DELTASVD_WRITE_THUMBNAILS=1, test_write_thumbnails rewrites the template browser
 
 import json
 import os
-import tempfile
 import time
 
 import pytest
@@ -26,6 +25,7 @@ from test_comfyui_nodes import intersecting
 from test_comfyui_server import (APPLY, COMPARE, COMPRESS, PACK, REPO,  # noqa: F401
                                  env, server)   # module fixtures
 from ui_env import CHROMEDRIVER, CHROMIUM, _missing
+from ui_env import chromium as browser_session
 
 SHOTS = REPO / "tests" / "out"
 TEMPLATES = REPO / "example_workflows"
@@ -181,28 +181,18 @@ return [...app.canvasPosToClientPos([x0, y0]), ...app.canvasPosToClientPos([x1, 
 
 @pytest.fixture(scope="module")
 def page(chromium, server):  # noqa: F811  (the imported fixture)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    for flag in FLAGS + [f"--user-data-dir={tempfile.mkdtemp(prefix='dsvd-comfy-')}"]:
-        opts.add_argument(flag)
-    opts.binary_location = CHROMIUM
-    # An explicit driver path: Selenium Manager never runs (it would download one).
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_script_timeout(PAGE_TIMEOUT)
-    # no first-visit template browser, no minimap over the graph
-    # and no canvas info; text drawn at any zoom (the screenshots show whole graphs)
-    status, _ = server.post("/settings", {"Comfy.TutorialCompleted": True,
-                                          "Comfy.Minimap.Visible": False,
-                                          "Comfy.Graph.CanvasInfo": False,
-                                          "LiteGraph.Canvas.MinFontSizeForLOD": 0})
-    assert status == 200
-    p = Page(driver, server.url)
-    try:
+    with browser_session(FLAGS, prefix="dsvd-comfy-") as driver:
+        driver.set_script_timeout(PAGE_TIMEOUT)
+        # no first-visit template browser, no minimap over the graph
+        # and no canvas info; text drawn at any zoom (the screenshots show whole graphs)
+        status, _ = server.post("/settings", {"Comfy.TutorialCompleted": True,
+                                              "Comfy.Minimap.Visible": False,
+                                              "Comfy.Graph.CanvasInfo": False,
+                                              "LiteGraph.Canvas.MinFontSizeForLOD": 0})
+        assert status == 200
+        p = Page(driver, server.url)
         p.open()
         yield p
-    finally:
-        driver.quit()
 
 
 def overlaps(bounds):

@@ -24,7 +24,7 @@ import torch
 
 from deltasvd.delta_file import read_delta, reconstruct
 from deltasvd.fixtures import make_pair
-from ui_env import require_browser, start_chromium
+from ui_env import chromium, require_browser
 from ui_pair import assert_same_table, cli_compress, small_pair, total_mib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,10 +94,9 @@ def server(folders):
 
 @pytest.fixture(scope="module")
 def browser(server):
-    driver = start_chromium(FLAGS)
-    driver.get(server)
-    yield driver
-    driver.quit()
+    with chromium(FLAGS) as driver:
+        driver.get(server)
+        yield driver
 
 
 class Page:

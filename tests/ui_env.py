@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import pytest
 
@@ -34,14 +35,24 @@ def require_browser():
             _missing(path)
 
 
-def start_chromium(flags, prefix="dsvd-chromium-"):
-    """A headless Chromium under selenium with `flags` and a fresh profile folder; the
+@contextmanager
+def chromium(flags, prefix="dsvd-chromium-"):
+    """A headless Chromium under selenium with `flags` and a fresh profile folder, quit and
+    the folder removed afterwards (left behind, each run's 20 MB piled up in /tmp); the
     driver is the system's (an explicit path: Selenium Manager never runs, it would download
     one)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    for flag in list(flags) + [f"--user-data-dir={tempfile.mkdtemp(prefix=prefix)}"]:
-        opts.add_argument(flag)
-    opts.binary_location = CHROMIUM
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    profile = tempfile.mkdtemp(prefix=prefix)
+    driver = None
+    try:
+        opts = webdriver.ChromeOptions()
+        for flag in list(flags) + [f"--user-data-dir={profile}"]:
+            opts.add_argument(flag)
+        opts.binary_location = CHROMIUM
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+        yield driver
+    finally:
+        if driver is not None:
+            driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
