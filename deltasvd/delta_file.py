@@ -114,6 +114,11 @@ class Delta:
         return {part: src[name] for part, name in tensor_names(rec).items() if name in src}
 
 
+def head_only_layers(delta):
+    """Records that keep only the head of their spectrum (`compress --rank`'s randomized SVD)."""
+    return sum(r.precision == RANDOMIZED for r in delta.records)
+
+
 _RECORD_FIELDS = [f.name for f in fields(LayerRecord)]
 
 
@@ -270,8 +275,7 @@ def encode_metadata(delta):
     meta = {f"deltasvd.{k}": str(v) for k, v in delta.info.items()}
     meta.update({
         "deltasvd.format": FORMAT,
-        "deltasvd.version": (HEAD_ONLY_VERSION if any(r.precision == RANDOMIZED
-                                                      for r in delta.records) else VERSION),
+        "deltasvd.version": HEAD_ONLY_VERSION if head_only_layers(delta) else VERSION,
         "deltasvd.family": delta.family,
         "deltasvd.ranks": json.dumps({r.name: r.rank for r in delta.records
                                       if r.kind == "svd" and not r.extra}, separators=(",", ":")),

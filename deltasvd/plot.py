@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .delta_file import RANDOMIZED, STORAGE_DTYPES
+from .delta_file import STORAGE_DTYPES, head_only_layers
 from . import families
 from .ranks import RankRule, is_dense
 from .resize import new_rank
@@ -32,8 +32,7 @@ class Curve:
 def measure_of(delta):
     """'fro' for a delta made with the Frobenius rule, or one whose layers keep only the head
     of their spectrum (the energy rule needs sum(s), which they lack); else 'energy'."""
-    head_only = any(r.precision == RANDOMIZED for r in delta.records)
-    return "fro" if delta.info.get("mode") == "fro" or head_only else "energy"
+    return "fro" if delta.info.get("mode") == "fro" or head_only_layers(delta) else "energy"
 
 
 def layer_values(delta, i):

@@ -11,7 +11,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .delta_file import RANDOMIZED, STORAGE_DTYPES, Delta, lora_parts, tensor_names
+from .delta_file import (RANDOMIZED, STORAGE_DTYPES, Delta, head_only_layers, lora_parts,
+                         tensor_names)
 from .errors import DeltaError
 from .measures import layer_weight
 from .ranks import allocate_budget, is_dense
@@ -45,11 +46,6 @@ def new_rank(rule, rec, head):
             hit = np.nonzero(np.cumsum(values) / total >= rule.value)[0]
             t = int(hit[0]) + 1 if hit.size else n
     return rule.clamp(t, n)
-
-
-def head_only_layers(delta):
-    """Records that keep only the head of their spectrum (`compress --rank`'s randomized SVD)."""
-    return sum(r.precision == RANDOMIZED for r in delta.records)
 
 
 def head_only_problem(delta, mode):

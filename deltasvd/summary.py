@@ -3,10 +3,9 @@
 import numpy as np
 
 from . import families
-from .delta_file import FACTORED_KINDS, is_coded, tensor_names
+from .delta_file import FACTORED_KINDS, head_only_layers, is_coded, tensor_names
 from .groups import format_table, group_rows
 from .measures import has_base_norms, weighted_error
-from .resize import head_only_layers
 
 
 def record_bytes(delta, rec):
@@ -156,8 +155,9 @@ def inspect_text(delta, file_bytes):
         lines.append(f"error     {error_line(delta)}")
     if "resized_from" in info:
         lines.append(f"resized   from {info['resized_from']}")
-    if head_only_layers(delta):
-        lines.append(f"spectra   {head_only_layers(delta)} layers keep only their first singular "
+    head_only = head_only_layers(delta)
+    if head_only:
+        lines.append(f"spectra   {head_only} layers keep only their first singular "
                      "values (compress --rank's randomized SVD): they resize by rank, --fro or "
                      "size, not by energy")
     tuned_bytes = int(info.get("tuned_bytes") or 0) or None
