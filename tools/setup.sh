@@ -74,8 +74,8 @@ case "$MODE" in
     test)
         install_core
         install_tests
-        say "running the tests: about 7 minutes on 2 cores (more on a busy machine); they" \
-            "write up to ~5 GB of checkpoints to the temp folder and remove them"
+        say "running the tests: about 10 minutes on 2 cores (more on a busy machine); they" \
+            "write up to ~8 GB of checkpoints to the temp folder and remove them"
         set +e
         "$PY" -m pytest -q
         rc=$?
