@@ -43,12 +43,17 @@ def compare(base, tuned, mode, value):
     return sum(fast[k].rank != exact[k].rank for k in fast), len(fast)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux_dev"])
+@pytest.fixture(scope="module", params=["sd15", "sdxl", "flux_dev"])
+def small_pair(request, tmp_path_factory):
+    """Each family's small pair (up to 335 MB), made once for the four settings."""
+    return make_pair(tmp_path_factory.mktemp(f"fast_ranks_{request.param}"), request.param,
+                     "small", seed=1)
+
+
 @pytest.mark.parametrize("mode,value", [("energy", 0.06), ("energy", 0.5), ("energy", 0.9),
                                         ("fro", 0.8)])
-def test_float32_ranks_within_one_of_float64(tmp_path, family, mode, value):
-    base, tuned = make_pair(tmp_path, family, "small", seed=1)
-    compare(base, tuned, mode, value)
+def test_float32_ranks_within_one_of_float64(small_pair, mode, value):
+    compare(*small_pair, mode, value)
 
 
 @pytest.mark.parametrize("value", [0.06, 0.2, 0.5, 0.8])
