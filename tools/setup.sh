@@ -74,7 +74,7 @@ case "$MODE" in
     test)
         install_core
         install_tests
-        say "running the tests: about 10 minutes on 2 cores (more on a busy machine); they" \
+        say "running the tests: 7-10 minutes on 2 cores (more on a busy machine); they" \
             "write up to ~8 GB of checkpoints to the temp folder and remove them"
         set +e
         "$PY" -m pytest -q
