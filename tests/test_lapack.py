@@ -30,7 +30,10 @@ def test_values_and_top_vectors_match_eigh(n, t):
     assert q.shape == (n, t)
     if t == 0:
         return
-    assert np.abs(q.T @ q - np.eye(t)).max() <= 1e-12, seed
+    # MRRR (stemr) promises orthogonality O(n eps); LAPACK's own tests accept a ratio up to
+    # about 50 of |Q^T Q - I| / (n eps). Measured here: median 0.3, 300-draw max 3.2, one
+    # CI draw 13 (seed 1313714247), so a fixed 1e-12 was flaky at n = 700.
+    assert np.abs(q.T @ q - np.eye(t)).max() <= 50 * n * np.finfo(float).eps, seed
     # Same invariant subspace, vector by vector where the values are apart: |<q_i, v_i>| = 1,
     # and the Rayleigh quotients are the top eigenvalues.
     top = ref_v[:, ::-1][:, :t]
