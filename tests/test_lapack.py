@@ -91,3 +91,35 @@ def test_float32_or_fortran_input_is_reduced_as_float64():
         w = lapack.eigenvalues(lapack.tridiagonalize(x.copy(order="K")))
         tol = 1e-5 if x.dtype == np.float32 else 1e-13
         assert np.abs(w - ref).max() <= tol * ref[-1], seed
+
+
+def test_float32_mrrr_failure_takes_float64_vectors():
+    """sstemr gives up (info=22) on this float32 T: the tridiagonal of the Gram of a noise-like
+    12288 x 3072 matrix plus a rank-64 part (torch seed 0), whose 769 leading vectors the
+    energy-0.5 rule asks for. The vectors then come from dstemr on the same T."""
+    data = np.load(os.path.join(os.path.dirname(__file__), "data", "sstemr_fails.npz"))
+    diag, off = data["diag"], data["off"]
+    n, t = diag.size, 769
+    # Householder scales 0: Q = I, so G = T and the back-transform leaves the vectors as they are
+    tri = lapack.Tridiagonal(h=np.zeros((n, n), np.float32, order="F"),
+                             tau=np.zeros(n - 1, np.float32), diag=diag, off=off)
+    try:
+        lapack._tridiagonal_vectors(tri, t)
+        pytest.skip("this OpenBLAS's sstemr solves this T")
+    except lapack.LapackError:
+        pass
+    q = lapack.top_eigenvectors(tri, t).astype(np.float64)
+    assert q.dtype == np.float64 and q.shape == (n, t)
+    d64, o64 = diag.astype(np.float64), off.astype(np.float64)
+
+    def times_t(x):                                  # T x for the tridiagonal T
+        y = d64[:, None] * x
+        y[:-1] += o64[:, None] * x[1:]
+        y[1:] += o64[:, None] * x[:-1]
+        return y
+    w = np.linalg.eigvalsh(np.diag(d64) + np.diag(o64, 1) + np.diag(o64, -1))[::-1][:t]
+    theta = np.sum(q * times_t(q), axis=0)
+    scale = w[0]
+    assert np.abs(theta - w).max() <= 1e-5 * scale
+    assert np.abs(q.T @ q - np.eye(t)).max() <= 1e-5
+    assert np.linalg.norm(times_t(q) - q * theta, axis=0).max() <= 1e-5 * scale
