@@ -262,23 +262,22 @@ def stored_factors(dec, m, t, store):
 
     The error comes from ||M - A B||^2 = ||M||^2 - 2 <M, A B> + <A^T A, B B^T> in float64,
     with ||M||^2 the Gram's trace, instead of forming the residual a block at a time (three
-    times slower than one product). Where the vectors are V_t (a tall M), B = V_t^T is rounded
-    first and A = M B^T computed from the rounded B, so <M, A B> = <M B^T, A> costs nothing
-    more; for U_t (a wide M), A and B are the usual U_t S_t and V_t^T and <M, A B> =
-    <A^T M, B> is one product. Where the error is under IDENTITY_MIN of ||M||^2 the
-    subtraction would cancel, and the residual is formed."""
+    times slower than one product). The factor that holds the Gram's vectors is rounded first
+    and the other computed from it, so <M, A B> comes with that product: for V_t (a tall M),
+    B = V_t^T and A = M B^T = U_t S_t, <M, A B> = <M B^T, A>; for U_t (a wide M), A = U_t and
+    B = A^T M = S_t V_t^T, <M, A B> = <A^T M, B>. Where the error is under IDENTITY_MIN of
+    ||M||^2 the subtraction would cancel, and the residual is formed."""
     q = top_vectors(dec, m, t).to(device=m.device, dtype=m.dtype)
     if dec.tall:                                  # q = V_t: A B = M V_t V_t^T
         return _through_rows(m, q, store, dec.fro2)
-    a32, b32 = factors(dec, m, t, q)
-    a, b = store(a32), store(b32)
-    inner = float(((a.to(m.dtype).T @ m).double() * b.double()).sum())   # <A^T M, B>
-    return a, b, _error2(m, a, b, dec.fro2, inner)
+    b, a, err2 = _through_rows(m.T, q, store, dec.fro2)   # q = U_t: A B = U_t U_t^T M
+    return a.T.contiguous(), b.T.contiguous(), err2
 
 
 def _through_rows(m, v, store, fro2):
     """The stored pair B = V^T (rounded first), A = M B^T, for orthonormal columns v (k x t),
-    and its squared error; <M, A B> = <M B^T, A> comes with A."""
+    and its squared error; <M, A B> = <M B^T, A> comes with A. On M^T it gives the transposed
+    pair of M (the wide case of stored_factors)."""
     b = store(v.T.contiguous())
     mb = m @ b.to(m.dtype).T
     a = store(mb)

@@ -209,11 +209,12 @@ def test_stored_factors_error_is_the_stored_pairs(shape, decay):
         ref = float((m.double() - a.double() @ b.double()).norm())
         assert abs(err2 ** 0.5 / ref - 1) < 1e-4, (t, err2 ** 0.5, ref)
         branches.add(err2 >= spectrum.IDENTITY_MIN * dec.fro2)
-        # the rows of B are V_t^T (unit, orthogonal) and A B the best rank-t fit, to fp16
+        # the factor on the short side holds the Gram's vectors (B = V_t^T for a tall M,
+        # A = U_t for a wide one: unit, orthogonal) and A B the best rank-t fit, to fp16
         # (a float32 Gram resolves directions down to ~1e-3 of s_max only)
         eye = torch.eye(t, dtype=torch.float64)
-        assert float(s[t - 1]) < 1e-3 or torch.allclose(b.double() @ b.double().T, eye,
-                                                        atol=3e-3)
+        q = b.double() @ b.double().T if d >= k else a.double().T @ a.double()
+        assert float(s[t - 1]) < 1e-3 or torch.allclose(q, eye, atol=3e-3)
         best = float(s[t:].pow(2).sum().sqrt())
         assert ref <= best * 1.01 + 1e-3 * float(m.double().norm())
     if decay == 2.0:
