@@ -28,6 +28,7 @@ from .measures import layer_weight, weighted_error
 from .ranks import RankRule, allocate_budget, allocate_error
 from .safetensors_io import file_sha256, tensor_data_sha256
 from .spill import SpillFile
+from .workspace import Workspace
 
 OVERSHOOT = 1.05  # size mode: code 5% over the estimated budget, then trim exactly
 RECORD_BYTES = 250  # size mode: header bytes per record (JSON record, rank, tensor headers)
@@ -171,11 +172,12 @@ class PairDelta:
         self.changed = self.delta is not None
 
 
-def pair_delta(key, b, t, base, tuned):
+def pair_delta(key, b, t, base, tuned, workspace=None):
     """The delta of one key's pair, dtype-aware: where the tuned file is stored coarser than the
     base (fp32 -> fp16, bf16 -> fp8, scaled fp8 with the tuned file's scales), the base is
     rounded to the tuned file's format first: an fp16 or fp8 copy of a base is not a
-    fine-tune."""
+    fine-tune. workspace (workspace.Workspace): a float32 CPU delta is formed in its buffer,
+    valid until the thread's next call."""
     b_dtype, t_dtype = base.dtype(key), tuned.dtype(key)
     floats = b_dtype.is_floating_point and t_dtype.is_floating_point
     coarser = floats and quantized.coarser(b_dtype, t_dtype)
@@ -183,10 +185,30 @@ def pair_delta(key, b, t, base, tuned):
     if torch.equal(b, t):
         return PairDelta(key, None, rounded, raw_norm, 0.0, coarser)
     work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
-    delta = (t.to(work) - b.to(work)).float()
+    # Widened into one tensor (the workspace's, or one new one) and the base subtracted from it,
+    # widened inside the subtraction: the same values as widening both first, without two more
+    # new tensors (new memory costs page faults: workspace.py).
+    if workspace is not None and work == torch.float32 and t.device.type == "cpu":
+        delta = _subtract(workspace.float32(t.shape).copy_(t), b)
+    else:
+        delta = _subtract(t.to(work, copy=True), b).float()
     _check_finite(delta, b, t, base, tuned, key)
     kept = float(torch.linalg.vector_norm(delta)) if rounded else 0.0
     return PairDelta(key, delta, rounded, raw_norm, kept, coarser, _row_norms2(b))
+
+
+WIDEN_BLOCK = 1 << 21   # base values widened at a time (_row_norms2, _subtract)
+
+
+def _subtract(delta, b):
+    """delta -= b in place, a block at a time: torch widens a narrower `b` into a whole new
+    temporary first, and new memory costs page faults (workspace.py)."""
+    if b.dtype == delta.dtype or not delta.is_contiguous() or not b.is_contiguous():
+        return delta.sub_(b)
+    dv, bv = delta.view(-1), b.reshape(-1)
+    for r in range(0, dv.numel(), WIDEN_BLOCK):
+        dv[r: r + WIDEN_BLOCK].sub_(bv[r: r + WIDEN_BLOCK])
+    return delta
 
 
 def _row_norms2(b):
@@ -194,8 +216,12 @@ def _row_norms2(b):
     their rows' share. The norms are taken in float32 (~1e-6 relative, plenty for a layer's
     weight in a measure): a float64 copy of every base weight cost 10% of a run."""
     rows = b.reshape(b.shape[0], -1) if b.ndim else b.reshape(1, 1)
-    norms = torch.linalg.vector_norm(rows if rows.is_floating_point() else rows.double(),
-                                     dim=1, dtype=torch.float32)
+    rows = rows if rows.is_floating_point() else rows.double()
+    # a block of rows at a time: a half-precision base is widened to float32 inside the norm,
+    # and a whole widened copy was new memory (page faults) on every layer
+    step = max(1, WIDEN_BLOCK // max(1, rows.shape[1]))
+    norms = torch.cat([torch.linalg.vector_norm(rows[r: r + step], dim=1, dtype=torch.float32)
+                       for r in range(0, rows.shape[0], step)])
     return norms.double() ** 2
 
 
@@ -353,13 +379,12 @@ def _code_sketched(piece, md, t, dtype, factor_bits):
 
 
 def _stored(t, dtype, rec):
-    """`t` in the storage dtype, refused if that overflows it (fp16 ends at 65504)."""
-    out = t.to(dtype)
-    # NaN and Inf survive a sum, and float32 holds any sum of fp16 values: one cheap reduction
-    # (isfinite on a half tensor is a slow scalar loop); a bf16 sum that overflows is checked
-    # element by element
-    if not bool(torch.isfinite(out.sum(dtype=torch.float32))) and \
-            not bool(torch.isfinite(out).all()):
+    """`t` in the storage dtype, refused if that overflows it (fp16 ends at 65504). Always a
+    new tensor: `t` may be a view of a worker's reused delta (workspace.py)."""
+    out = t.to(dtype, copy=True)
+    # NaN and Inf show in the extremes, found in one pass without a widened copy (isfinite on
+    # a half tensor is a slow scalar loop, and a float32 sum widened the whole tensor first)
+    if out.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(out))).all()):
         raise DeltaError(f"the delta's values overflow {dtype} (largest "
                          f"{float(t.abs().max()):.3g}); use --dtype bf16 or fp32", None, rec.key)
     return out
@@ -470,6 +495,7 @@ class Compressor:
         self.dtype_name = dtype
         self.device = torch.device(device)
         self.progress = progress
+        self._workspace = Workspace()   # each worker thread its own delta buffer
 
     def run(self, base_path, tuned_path, allow_pickle=False):
         """Two checkpoint files -> (delta, counts, tuned file bytes), with fingerprints."""
@@ -630,7 +656,7 @@ class Compressor:
             raise DeltaError("out of memory while compressing this tensor", where, key) from None
 
     def _coded(self, key, b, t, base, tuned, fixed_ranks):
-        pd = pair_delta(key, b, t, base, tuned)
+        pd = pair_delta(key, b, t, base, tuned, self._workspace)
         del b, t
         if not pd.changed:
             return pd, []

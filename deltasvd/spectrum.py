@@ -82,14 +82,20 @@ def gram(m, exact=True):
     a = m.numpy()
     long, n = (a.shape[0], a.shape[1]) if tall else (a.shape[1], a.shape[0])
     g = np.zeros((n, n), dtype=np.float64)
+    # one product buffer for every block: a fresh one each time is paid again in page faults
+    prod = None if exact else np.empty((n, n), dtype=np.float32)
     # float32: values past its range give inf, and the caller falls back to float64
     with np.errstate(over="ignore", invalid="ignore"):
         for r in range(0, long, GRAM_BLOCK):
             # a wide matrix's column block is a strided view BLAS reads as it is (a copy of
             # its transpose cost a third of the product)
             blk = a[r: r + GRAM_BLOCK].T if tall else a[:, r: r + GRAM_BLOCK]
-            blk = blk.astype(np.float64) if exact else blk.astype(np.float32, copy=False)
-            g += blk @ blk.T                  # numpy: BLAS syrk
+            if exact:
+                blk = blk.astype(np.float64)
+                g += blk @ blk.T              # numpy: BLAS syrk
+            else:
+                blk = blk.astype(np.float32, copy=False)
+                g += np.matmul(blk, blk.T, out=prod)
         return g if exact else g.astype(np.float32)
 
 
@@ -281,17 +287,41 @@ def _through_rows(m, v, store, fro2):
     b = store(v.T.contiguous())
     mb = m @ b.to(m.dtype).T
     a = store(mb)
-    inner = float((mb.double() * a.double()).sum())
+    inner = sum(float((x.double() * y.double()).sum())
+                for x, y in zip(_row_blocks(mb), _row_blocks(a)))
     return a, b, _error2(m, a, b, fro2, inner)
 
 
 def _error2(m, a, b, fro2, inner):
     """||M - A B||^2 from fro2 = ||M||^2 and inner = <M, A B> (stored_factors' docstring)."""
-    a64, b64 = a.double(), b.double()
-    err2 = fro2 - 2 * inner + float(((a64.T @ a64) * (b64 @ b64.T)).sum())
+    err2 = fro2 - 2 * inner + float((_gram64(a) * _gram64(b.T)).sum())
     if not err2 >= IDENTITY_MIN * fro2:
         err2 = residual_norm(m, a.to(m.dtype), b.to(m.dtype)) ** 2
     return err2
+
+
+# Rows of a factor widened to float64 at a time (about 8 MB at rank 1024): small temporaries
+# stay in the allocator's heap, where a whole float64 copy of a factor was new memory, zeroed by
+# the kernel, on every layer.
+FACTOR_ROWS = 1024
+
+
+def _row_blocks(x):
+    return (x[r: r + FACTOR_ROWS] for r in range(0, x.shape[0], FACTOR_ROWS))
+
+
+def _gram64(x):
+    """X^T X in float64 (t x t for an n x t factor), a block of rows at a time; on the CPU by
+    numpy's BLAS syrk, half the work of torch's general product."""
+    if x.device.type != "cpu":
+        x64 = x.double()
+        return (x64.T @ x64).cpu().numpy()
+    t = x.shape[1]
+    g = np.zeros((t, t), dtype=np.float64)
+    for blk in _row_blocks(x):
+        b64 = blk.double().numpy()
+        g += b64.T @ b64
+    return g
 
 
 # --rank R without the whole spectrum: a randomized range finder (Halko, Martinsson and Tropp,

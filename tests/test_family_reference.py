@@ -8,8 +8,9 @@ tensors), issue 14; the energy and qsvd tensors stayed the same; the float32 rou
 was added with it (issue 15), the others pinned to --exact-ranks; `base2` again when it came to
 be taken in float32, and the factors when A came to be computed from the rounded B for a tall
 layer (issue 15: same ranks; A within fp16 rounding), and B from the rounded A = U_t for a wide
-one (issue 15: same ranks, errors within 5e-6 relative, A B within 7e-4, fp16 rounding). For
-each SD family, a small fixture pair compressed
+one (issue 15: same ranks, errors within 5e-6 relative, A B within 7e-4, fp16 rounding); the
+recorded errors' last digits when their float64 terms came to be summed by blocks (issue 15:
+the same tensor data, errors within 1e-13 relative). For each SD family, a small fixture pair compressed
 under three settings. A file is compared by its whole header (metadata included, only
 `modelspec.date` left out) and the sha256 of its tensor data. The fixture pair's own hashes are
 recorded too: a CPU that rounds the fixture's matrix products differently makes other inputs,
