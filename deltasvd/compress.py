@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import dct_codec, families, quant, quantized, spectrum
+from . import dct_codec, families, quant, quantized, spectrum, workspace
 from .blas_threads import blas_threads
 from .checkpoint import is_ignored, open_pair
 from .delta_file import STORAGE_DTYPES, Delta, LayerRecord, lora_parts, store_parts, tensor_names
@@ -28,7 +28,6 @@ from .measures import layer_weight, weighted_error
 from .ranks import RankRule, allocate_budget, allocate_error
 from .safetensors_io import file_sha256, tensor_data_sha256
 from .spill import SpillFile
-from .workspace import Workspace
 
 OVERSHOOT = 1.05  # size mode: code 5% over the estimated budget, then trim exactly
 RECORD_BYTES = 250  # size mode: header bytes per record (JSON record, rank, tensor headers)
@@ -172,12 +171,12 @@ class PairDelta:
         self.changed = self.delta is not None
 
 
-def pair_delta(key, b, t, base, tuned, workspace=None):
+def pair_delta(key, b, t, base, tuned):
     """The delta of one key's pair, dtype-aware: where the tuned file is stored coarser than the
     base (fp32 -> fp16, bf16 -> fp8, scaled fp8 with the tuned file's scales), the base is
     rounded to the tuned file's format first: an fp16 or fp8 copy of a base is not a
-    fine-tune. workspace (workspace.Workspace): a float32 CPU delta is formed in its buffer,
-    valid until the thread's next call."""
+    fine-tune. A float32 CPU delta is formed in the thread's kept buffer where it keeps one
+    (workspace.py): valid until its next call then."""
     b_dtype, t_dtype = base.dtype(key), tuned.dtype(key)
     floats = b_dtype.is_floating_point and t_dtype.is_floating_point
     coarser = floats and quantized.coarser(b_dtype, t_dtype)
@@ -185,11 +184,11 @@ def pair_delta(key, b, t, base, tuned, workspace=None):
     if torch.equal(b, t):
         return PairDelta(key, None, rounded, raw_norm, 0.0, coarser)
     work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
-    # Widened into one tensor (the workspace's, or one new one) and the base subtracted from it,
+    # Widened into one tensor (a kept buffer, or one new one) and the base subtracted from it,
     # widened inside the subtraction: the same values as widening both first, without two more
     # new tensors (new memory costs page faults: workspace.py).
-    if workspace is not None and work == torch.float32 and t.device.type == "cpu":
-        delta = _subtract(workspace.float32(t.shape).copy_(t), b)
+    if work == torch.float32 and t.device.type == "cpu":
+        delta = _subtract(workspace.tensor("delta", t.shape).copy_(t), b)
     else:
         delta = _subtract(t.to(work, copy=True), b).float()
     _check_finite(delta, b, t, base, tuned, key)
@@ -495,7 +494,6 @@ class Compressor:
         self.dtype_name = dtype
         self.device = torch.device(device)
         self.progress = progress
-        self._workspace = Workspace()   # each worker thread its own delta buffer
 
     def run(self, base_path, tuned_path, allow_pickle=False):
         """Two checkpoint files -> (delta, counts, tuned file bytes), with fingerprints."""
@@ -606,7 +604,8 @@ class Compressor:
         """`workers` keys at a time. Each worker reads its own pair and forms its delta: the
         calling thread only hands out keys and collects, so it never holds the workers up,
         and a queued key holds no memory."""
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers,
+                                initializer=workspace.keep_buffers) as pool:
             pending = deque()
             try:
                 for key in keys:
@@ -625,8 +624,9 @@ class Compressor:
         """One worker (an accelerator, or one core) codes in the calling thread, the next pair
         read in a thread meanwhile: the host's per-thread settings (TF32 off, see
         _exact_cuda_math) then hold for every product."""
-        for key, b, t in read_pairs(base, tuned, keys):
-            yield self._code_read(key, b, t, base, tuned, fixed_ranks)
+        with workspace.kept_buffers():
+            for key, b, t in read_pairs(base, tuned, keys):
+                yield self._code_read(key, b, t, base, tuned, fixed_ranks)
 
     def _parallelism(self):
         """(workers, BLAS threads each). On the CPU: layers side by side, single-threaded,
@@ -656,7 +656,7 @@ class Compressor:
             raise DeltaError("out of memory while compressing this tensor", where, key) from None
 
     def _coded(self, key, b, t, base, tuned, fixed_ranks):
-        pd = pair_delta(key, b, t, base, tuned, self._workspace)
+        pd = pair_delta(key, b, t, base, tuned)
         del b, t
         if not pd.changed:
             return pd, []

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import lapack
+from . import lapack, workspace
 from .ranks import is_dense, tail_bounds
 
 # Safety factor on the eigenvalue error model eps * min(||M||_F^2, lmax * sqrt(n)): float32
@@ -81,9 +81,11 @@ def gram(m, exact=True):
         return a.T @ a if tall else a @ a.T
     a = m.numpy()
     long, n = (a.shape[0], a.shape[1]) if tall else (a.shape[1], a.shape[0])
-    g = np.zeros((n, n), dtype=np.float64)
-    # one product buffer for every block: a fresh one each time is paid again in page faults
-    prod = None if exact else np.empty((n, n), dtype=np.float32)
+    # the sum, and (float32) one product buffer for every block, in the worker's kept buffers
+    # where it keeps them: new memory is paid again in page faults (workspace.py)
+    g = workspace.array("gram64", (n, n), np.float64)
+    g.fill(0.0)
+    prod = None if exact else workspace.array("gram_block", (n, n), np.float32)
     # float32: values past its range give inf, and the caller falls back to float64
     with np.errstate(over="ignore", invalid="ignore"):
         for r in range(0, long, GRAM_BLOCK):
@@ -96,7 +98,11 @@ def gram(m, exact=True):
             else:
                 blk = blk.astype(np.float32, copy=False)
                 g += np.matmul(blk, blk.T, out=prod)
-        return g if exact else g.astype(np.float32)
+        if exact:
+            return g
+        g32 = workspace.array("gram32", (n, n), np.float32)
+        np.copyto(g32, g, casting="same_kind")
+        return g32
 
 
 def _linalg(x):
