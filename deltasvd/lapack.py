@@ -4,8 +4,11 @@ numpy offers `eigvalsh` (all values) and `eigh` (all values and all vectors), ea
 matrix to tridiagonal form T = Q^T G Q on its own. The compressor needs all values (for the
 rank rule) and then only the leading t vectors (t is a few percent of n): so the reduction is
 done once (dsytrd, 4/3 n^3 flops, the whole cost of eigvalsh), the values come from T (dsterf,
-O(n^2)), and the t vectors from T by MRRR (dstemr, O(n t)) and back through Q (dormtr, 2 n^2 t).
-On SD1.5's layers that takes a third of what eigvalsh plus a subspace iteration did.
+O(n^2)), and the t vectors from T by inverse iteration on those values (dstein, O(n t); MRRR,
+dstemr, where it does not converge) and back through Q (2 n^2 t, in blocks of BACK_BLOCK
+reflectors: `_back_transform`). On SD1.5's layers the MRRR and ormtr version of this took a
+third of what eigvalsh plus a subspace iteration did; on the SDXL-layout pair, stein and the
+blocked back-transform took the vectors from 48 to 17 CPU-s (of ~200).
 
 `available()` is False where numpy's BLAS is not an OpenBLAS with these symbols; the spectrum
 then uses numpy's eigvalsh and a subspace iteration instead. Arguments follow the Fortran
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import workspace
 from .openblas import find_symbol
 
 # (symbol prefix, suffix, integer type): numpy >= 2 wheels (scipy-openblas64, ILP64) first.
@@ -52,7 +56,7 @@ class _Binding:
 def _binding():
     for prefix, suffix, int_t in _FLAVOURS:
         names = [f"{prefix}{p}{r}{suffix}" for p in "ds" for r in ("sytrd", "sterf", "stemr",
-                                                                  "ormtr")]
+                                                                  "stein", "trtrs")]
         lib, _ = find_symbol(names[:1])
         if lib is not None and all(hasattr(lib, n) for n in names):
             return _Binding(lib, prefix, suffix, int_t)
@@ -88,6 +92,7 @@ class Tridiagonal:
     tau: np.ndarray
     diag: np.ndarray
     off: np.ndarray
+    values: np.ndarray = None     # T's eigenvalues, ascending, once `eigenvalues` has them
 
     @property
     def n(self):
@@ -119,6 +124,7 @@ def eigenvalues(tri):
     """All eigenvalues of T (= those of G), ascending, in T's precision."""
     values, off = tri.diag.copy(), tri.off.copy()
     _binding().call(_name("sterf", values.dtype), _binding().int(tri.n), _ptr(values), _ptr(off))
+    tri.values = values
     return values
 
 
@@ -128,15 +134,22 @@ def top_eigenvectors(tri, t):
     n = tri.n
     if t == 0:
         return np.zeros((n, 0), tri.diag.dtype)
-    try:
-        z = _tridiagonal_vectors(tri, t)
-    except LapackError:
-        if tri.diag.dtype == np.float64:
-            raise
-        # float32 MRRR gives up on some large clustered spectra (sstemr info=22 on noise-like
-        # 3072-wide Grams): T's vectors from dstemr, back through the float32 reflectors, at
-        # about twice sstemr's small cost (instead of a float64 Gram and eigh)
-        z = np.asfortranarray(_tridiagonal_vectors(_float64(tri), t), dtype=np.float32)
+    z = None
+    if tri.values is not None:
+        try:
+            z = _inverse_iteration(tri, t)
+        except LapackError:
+            pass                      # a vector did not converge: MRRR instead
+    if z is None:
+        try:
+            z = _tridiagonal_vectors(tri, t)
+        except LapackError:
+            if tri.diag.dtype == np.float64:
+                raise
+            # float32 MRRR gives up on some large clustered spectra (sstemr info=22 on
+            # noise-like 3072-wide Grams): T's vectors from dstemr, back through the float32
+            # reflectors, at about twice sstemr's small cost (not a float64 Gram and eigh)
+            z = np.asfortranarray(_tridiagonal_vectors(_float64(tri), t), dtype=np.float32)
     _back_transform(tri, z)
     return z[:, ::-1]
 
@@ -144,6 +157,24 @@ def top_eigenvectors(tri, t):
 def _float64(tri):
     return Tridiagonal(h=None, tau=None, diag=tri.diag.astype(np.float64),
                        off=tri.off.astype(np.float64))
+
+
+def _inverse_iteration(tri, t):
+    """T's eigenvectors for its t largest eigenvalues (from `eigenvalues`), by inverse
+    iteration (stein: O(n) a vector, re-orthogonalised within clusters of close values), as
+    Fortran-ordered columns, smallest of them first. Where the values are known, that took a
+    third of MRRR's time on 1280-wide float32 Grams; raises LapackError where a vector does not
+    converge (then MRRR)."""
+    lp = _binding()
+    n, dt = tri.n, tri.diag.dtype
+    ints = np.int64 if lp.int_t is ctypes.c_int64 else np.int32
+    w = np.ascontiguousarray(tri.values[n - t:], dtype=dt)
+    block, split = np.ones(t, ints), np.full(n, n, ints)   # one block: T taken whole
+    z = np.empty((n, t), dt, order="F")
+    work, iwork, fail = np.empty(5 * n, dt), np.empty(n, ints), np.empty(t, ints)
+    lp.call(_name("stein", dt), lp.int(n), _ptr(tri.diag), _ptr(tri.off), lp.int(t), _ptr(w),
+            _ptr(block), _ptr(split), _ptr(z), lp.int(n), _ptr(work), _ptr(iwork), _ptr(fail))
+    return z
 
 
 def _tridiagonal_vectors(tri, t):
@@ -172,15 +203,66 @@ def _tridiagonal_vectors(tri, t):
     return z
 
 
+# Reflectors applied at a time by the back-transform. LAPACK's ormtr (block 32 by ilaenv) ran
+# at 7 GF/s on a 1280-wide float32 T with 62 vectors, a third of a layer's time; these blocks,
+# as numpy products on z's rows, take under a third of its time (tests/test_lapack.py checks
+# Q z against the reflectors applied one at a time).
+BACK_BLOCK = 64
+
+
 def _back_transform(tri, z):
-    """z <- Q z, in place."""
-    lp = _binding()
+    """z <- Q z, in place. Q = H(0) H(1) ... H(n-2), reflector i being I - tau_i v v^T with
+    v[i+1] = 1 and v[i+2:] below the subdiagonal of h's column i. A block of k of them is
+    I - V T V^T (the compact WY form), applied last block first; T is never formed: with
+    tau_i = 2 / (v_i^T v_i), T^-1 = diag(1 / tau) + (strict upper part of V^T V), and a
+    triangular solve gives T (V^T z). Works on z^T, whose rows are contiguous (stemr's z is
+    Fortran ordered): a column-ordered update ran at a third of the speed."""
     n, t = z.shape
-    work = np.empty(1, z.dtype)
-    for lwork in (-1, None):
-        if lwork is None:
-            lwork = int(work[0])
-            work = np.empty(max(lwork, 1), z.dtype)
-        lp.call(_name("ormtr", z.dtype), _char("L"), _char("L"), _char("N"), lp.int(n),
-                lp.int(t), _ptr(tri.h), lp.int(n), _ptr(tri.tau), _ptr(z), lp.int(n),
-                _ptr(work), lp.int(lwork), chars=3)
+    if t == 0 or n < 2:
+        return
+    zt = z.T if z.flags.f_contiguous else np.ascontiguousarray(z.T)
+    for s in reversed(range(0, n - 1, BACK_BLOCK)):
+        e = min(s + BACK_BLOCK, n - 1)
+        vt, tinv = _block(tri.h, tri.tau, s, e)
+        tail = zt[:, s + 1:]                                       # (Q z)^T = z^T Q^T
+        coef = _solve_upper(tinv, tail @ vt.T)                     # (T V^T z)^T, t x k
+        tail -= np.matmul(coef, vt, out=workspace.array("back_vw", tail.shape, z.dtype))
+    if zt.base is not z:
+        z[...] = zt.T
+
+
+def _block(h, tau, s, e):
+    """V^T of reflectors s..e-1 (C order, k x (n-s-1): row c holds reflector s+c's entries
+    s+1.., zero before its unit one) and T^-1 of their compact WY form (C order). h is in
+    Fortran order, so each row is a contiguous copy. A reflector with tau 0 (the identity)
+    gets a zero row and a unit diagonal in T^-1."""
+    k = e - s
+    vt = workspace.array("back_v", (k, h.shape[0] - s - 1), h.dtype)
+    np.copyto(vt, h.T[s:e, s + 1:])
+    np.copyto(vt[:, :k], 0.0, where=_lower(k))
+    np.fill_diagonal(vt, 1.0)
+    scale = tau[s:e].copy()
+    identity = scale == 0.0
+    if identity.any():
+        vt[identity] = 0.0
+        scale[identity] = 1.0
+    tinv = np.triu(vt @ vt.T, 1)
+    tinv[np.diag_indices(k)] = 1.0 / scale
+    return vt, tinv
+
+
+@functools.lru_cache(maxsize=4)
+def _lower(k):
+    """Mask of a k x k matrix's diagonal and the part below it."""
+    return np.tril(np.ones((k, k), dtype=bool))
+
+
+def _solve_upper(u, b):
+    """X = B U^-T for the C-ordered upper triangular U (k x k) and B (t x k), in B's storage:
+    read in Fortran order, U's storage is U^T and B's is B^T, so LAPACK's trtrs solves
+    (U^T)^T X^T = B^T there (one call: numpy's solve cost 0.1 ms of overhead a block)."""
+    k, t = u.shape[0], b.shape[0]
+    lp = _binding()
+    lp.call(_name("trtrs", b.dtype), _char("L"), _char("T"), _char("N"), lp.int(k), lp.int(t),
+            _ptr(u), lp.int(k), _ptr(b), lp.int(k), chars=3)
+    return b

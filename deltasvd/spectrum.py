@@ -71,21 +71,22 @@ def as_matrix(delta):
     return delta.reshape(delta.shape[0], -1)
 
 
-def gram(m, exact=True):
+def gram(m, exact=True, name="gram"):
     """G = M^T M or M M^T, whichever is smaller: a numpy array for a CPU tensor, a tensor on
     m's device otherwise. exact: accumulated in float64 (float64 G); else each block's product
-    in float32, the blocks summed in float64 (float32 G, half the cost)."""
+    in float32, the blocks summed in float64 (float32 G, half the cost). On the CPU, G is the
+    worker's kept buffer `name` (workspace.py): valid until the next call with that name."""
     tall = m.shape[0] >= m.shape[1]
     if m.device.type != "cpu":
         a = m.double() if exact else m.float()
         return a.T @ a if tall else a @ a.T
-    a = m.numpy()
+    a = m.numpy() if m.dtype != torch.bfloat16 else m.float().numpy()   # numpy has no bf16
     long, n = (a.shape[0], a.shape[1]) if tall else (a.shape[1], a.shape[0])
     # the sum, and (float32) one product buffer for every block, in the worker's kept buffers
     # where it keeps them: new memory is paid again in page faults (workspace.py)
-    g = workspace.array("gram64", (n, n), np.float64)
+    g = workspace.array(name + "64", (n, n), np.float64)
     g.fill(0.0)
-    prod = None if exact else workspace.array("gram_block", (n, n), np.float32)
+    prod = None if exact else workspace.array(name + "_block", (n, n), np.float32)
     # float32: values past its range give inf, and the caller falls back to float64
     with np.errstate(over="ignore", invalid="ignore"):
         for r in range(0, long, GRAM_BLOCK):
@@ -100,7 +101,7 @@ def gram(m, exact=True):
                 g += np.matmul(blk, blk.T, out=prod)
         if exact:
             return g
-        g32 = workspace.array("gram32", (n, n), np.float32)
+        g32 = workspace.array(name + "32", (n, n), np.float32)
         np.copyto(g32, g, casting="same_kind")
         return g32
 
@@ -300,7 +301,8 @@ def _through_rows(m, v, store, fro2):
 
 def _error2(m, a, b, fro2, inner):
     """||M - A B||^2 from fro2 = ||M||^2 and inner = <M, A B> (stored_factors' docstring)."""
-    err2 = fro2 - 2 * inner + float((_gram64(a) * _gram64(b.T)).sum())
+    # <A^T A, B B^T>: t x t Grams in float64, each in its own kept buffer
+    err2 = fro2 - 2 * inner + float((gram(a, name="error_a") * gram(b.T, name="error_b")).sum())
     if not err2 >= IDENTITY_MIN * fro2:
         err2 = residual_norm(m, a.to(m.dtype), b.to(m.dtype)) ** 2
     return err2
@@ -314,20 +316,6 @@ FACTOR_ROWS = 1024
 
 def _row_blocks(x):
     return (x[r: r + FACTOR_ROWS] for r in range(0, x.shape[0], FACTOR_ROWS))
-
-
-def _gram64(x):
-    """X^T X in float64 (t x t for an n x t factor), a block of rows at a time; on the CPU by
-    numpy's BLAS syrk, half the work of torch's general product."""
-    if x.device.type != "cpu":
-        x64 = x.double()
-        return (x64.T @ x64).cpu().numpy()
-    t = x.shape[1]
-    g = np.zeros((t, t), dtype=np.float64)
-    for blk in _row_blocks(x):
-        b64 = blk.double().numpy()
-        g += b64.T @ b64
-    return g
 
 
 # --rank R without the whole spectrum: a randomized range finder (Halko, Martinsson and Tropp,

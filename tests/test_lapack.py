@@ -26,7 +26,13 @@ def test_values_and_top_vectors_match_eigh(n, t):
     tri = lapack.tridiagonalize(g.copy())
     w = lapack.eigenvalues(tri)
     assert np.abs(w - ref_w).max() <= 1e-13 * ref_w[-1], seed
-    q = lapack.top_eigenvectors(tri, t)
+    for values in (w, None):     # inverse iteration on the known values, and MRRR without them
+        tri.values = values
+        check_top_vectors(lapack.top_eigenvectors(tri, t), g, ref_w, ref_v, t, seed)
+
+
+def check_top_vectors(q, g, ref_w, ref_v, t, seed):
+    n = g.shape[0]
     assert q.shape == (n, t)
     if t == 0:
         return
@@ -40,6 +46,43 @@ def test_values_and_top_vectors_match_eigh(n, t):
     assert np.abs(np.abs(np.sum(q * top, axis=0)) - 1.0).max() <= 1e-9, seed
     assert np.allclose(np.sum(q * (g @ q), axis=0), ref_w[::-1][:t], rtol=1e-12,
                        atol=1e-13 * ref_w[-1]), seed
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_back_transform_is_the_product_of_the_reflectors(dtype):
+    """Q z by blocks of reflectors against Q formed one reflector at a time in float64
+    (H_i = I - tau_i v_i v_i^T, v_i[i+1] = 1, v_i[i+2:] below the subdiagonal), over several
+    blocks and a part block."""
+    n = 2 * lapack.BACK_BLOCK + 37
+    g, seed = fresh_gram(n)
+    tri = lapack.tridiagonalize(g.astype(dtype))
+    q = np.eye(n)
+    for i in range(n - 1):
+        v = np.zeros(n)
+        v[i + 1] = 1.0
+        v[i + 2:] = tri.h[i + 2:, i]
+        q = q - float(tri.tau[i]) * np.outer(q @ v, v)      # q <- q H_i
+    z = np.random.default_rng(seed).standard_normal((n, 23)).astype(dtype, order="F")
+    want = q @ z.astype(np.float64)
+    lapack._back_transform(tri, z)
+    tol = 1e-13 if dtype == np.float64 else 1e-5
+    assert np.abs(z - want).max() <= tol * np.abs(want).max(), seed
+    # and Q really is what reduces g: Q^T g Q is the tridiagonal T
+    t = np.diag(tri.diag.astype(float)) + np.diag(tri.off.astype(float), 1) \
+        + np.diag(tri.off.astype(float), -1)
+    assert np.abs(q.T @ g @ q - t).max() <= 1e3 * np.finfo(dtype).eps * np.abs(g).max(), seed
+
+
+def test_inverse_iteration_failure_takes_mrrr(monkeypatch):
+    g, seed = fresh_gram(150)
+    ref_w, ref_v = np.linalg.eigh(g)
+    tri = lapack.tridiagonalize(g.copy())
+    lapack.eigenvalues(tri)
+
+    def refuse(tri, t):
+        raise lapack.LapackError("LAPACK dstein returned info=3")
+    monkeypatch.setattr(lapack, "_inverse_iteration", refuse)
+    check_top_vectors(lapack.top_eigenvectors(tri, 9), g, ref_w, ref_v, 9, seed)
 
 
 def test_rank_deficient_gram():
