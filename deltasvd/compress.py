@@ -361,7 +361,8 @@ def _code_sketched(piece, md, t, dtype, factor_bits):
     rec = piece.rec
     if t < 1 or not spectrum.sketch_fits(d, k, t):
         return None
-    keep = (lambda x: x) if factor_bits else (lambda x: _stored(x, dtype, rec))
+    # a copy either way: the product may sit in a worker's kept buffer (spectrum._times)
+    keep = (lambda x: x.clone()) if factor_bits else (lambda x: _stored(x, dtype, rec))
     got = spectrum.sketched_factors(md, t, keep)
     if got is None:
         return None
