@@ -220,14 +220,15 @@ def _back_transform(tri, z):
     n, t = z.shape
     if t == 0 or n < 2:
         return
-    zt = z.T if z.flags.f_contiguous else np.ascontiguousarray(z.T)
+    copied = not z.flags.f_contiguous
+    zt = np.ascontiguousarray(z.T) if copied else z.T
     for s in reversed(range(0, n - 1, BACK_BLOCK)):
         e = min(s + BACK_BLOCK, n - 1)
         vt, tinv = _block(tri.h, tri.tau, s, e)
         tail = zt[:, s + 1:]                                       # (Q z)^T = z^T Q^T
         coef = _solve_upper(tinv, tail @ vt.T)                     # (T V^T z)^T, t x k
         tail -= np.matmul(coef, vt, out=workspace.array("back_vw", tail.shape, z.dtype))
-    if zt.base is not z:
+    if copied:
         z[...] = zt.T
 
 
