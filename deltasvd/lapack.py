@@ -5,10 +5,11 @@ matrix to tridiagonal form T = Q^T G Q on its own. The compressor needs all valu
 rank rule) and then only the leading t vectors (t is a few percent of n): so the reduction is
 done once (dsytrd, 4/3 n^3 flops, the whole cost of eigvalsh), the values come from T (dsterf,
 O(n^2)), and the t vectors from T by inverse iteration on those values (dstein, O(n t); MRRR,
-dstemr, where it does not converge) and back through Q (2 n^2 t, in blocks of BACK_BLOCK
-reflectors: `_back_transform`). On SD1.5's layers the MRRR and ormtr version of this took a
-third of what eigvalsh plus a subspace iteration did; on the SDXL-layout pair, stein and the
-blocked back-transform took the vectors from 48 to 17 CPU-s (of ~200).
+dstemr, for over a quarter of the vectors or where it does not converge) and back through Q
+(2 n^2 t, in blocks of BACK_BLOCK reflectors: `_back_transform`). On SD1.5's layers the MRRR
+and ormtr version of this took a third of what eigvalsh plus a subspace iteration did; on the
+SDXL-layout pair, stein and the blocked back-transform took the vectors from 48 to 17 CPU-s
+(of ~200).
 
 `available()` is False where numpy's BLAS is not an OpenBLAS with these symbols; the spectrum
 then uses numpy's eigvalsh and a subspace iteration instead. Arguments follow the Fortran
@@ -135,7 +136,7 @@ def top_eigenvectors(tri, t):
     if t == 0:
         return np.zeros((n, 0), tri.diag.dtype)
     z = None
-    if tri.values is not None:
+    if tri.values is not None and t <= INVERSE_ITERATION_SHARE * n:
         try:
             z = _inverse_iteration(tri, t)
         except LapackError:
@@ -157,6 +158,14 @@ def top_eigenvectors(tri, t):
 def _float64(tri):
     return Tridiagonal(h=None, tau=None, diag=tri.diag.astype(np.float64),
                        off=tri.off.astype(np.float64))
+
+
+# Inverse iteration re-orthogonalises each vector against the others of its cluster (values
+# within 1e-3 ||T||), so deep in a flat noise bulk it costs more than MRRR. On a 3072-wide
+# float32 Gram of noise plus a rank-64 part: stein 0.031 / 0.18 / 0.45 / 0.62 s for 5 / 15 /
+# 25 / 30% of the vectors, sstemr 0.070 / (info=22: dstemr) / (info=22) / 0.51 s; and once
+# 909 vectors 1.2 s against 0.58 s.
+INVERSE_ITERATION_SHARE = 0.25
 
 
 def _inverse_iteration(tri, t):

@@ -75,6 +75,27 @@ def test_back_transform_is_the_product_of_the_reflectors(dtype):
     assert np.abs(q.T @ g @ q - t).max() <= 1e3 * np.finfo(dtype).eps * np.abs(g).max(), seed
 
 
+@pytest.mark.parametrize("share", [0.1, 0.25, 0.3, 1.0])
+def test_inverse_iteration_only_for_a_quarter_of_the_vectors(monkeypatch, share):
+    """stein for up to INVERSE_ITERATION_SHARE of n vectors, MRRR beyond (stein's cluster
+    re-orthogonalisation is the slower there); the vectors right either way."""
+    n = 120
+    t = int(share * n)
+    g, seed = fresh_gram(n)
+    ref_w, ref_v = np.linalg.eigh(g)
+    tri = lapack.tridiagonalize(g.copy())
+    lapack.eigenvalues(tri)
+    calls = []
+    for name in ("_inverse_iteration", "_tridiagonal_vectors"):
+        def spy(tri, t, _f=getattr(lapack, name), _name=name):
+            calls.append(_name)
+            return _f(tri, t)
+        monkeypatch.setattr(lapack, name, spy)
+    check_top_vectors(lapack.top_eigenvectors(tri, t), g, ref_w, ref_v, t, seed)
+    stein = t <= lapack.INVERSE_ITERATION_SHARE * n
+    assert calls == ["_inverse_iteration" if stein else "_tridiagonal_vectors"], seed
+
+
 def test_inverse_iteration_failure_takes_mrrr(monkeypatch):
     g, seed = fresh_gram(150)
     ref_w, ref_v = np.linalg.eigh(g)
