@@ -11,8 +11,12 @@ bf16. Free disk is checked first.
 
 Rows (each tool in its own process; wall time and peak RSS from os.wait4, see
 bench/compress_bench.py's run_child):
-* deltasvd --energy 0.5 (or `--rule '--rank 64'`), from the page cache (`python -m deltasvd
-  compress`);
+* deltasvd --energy 0.5, from the page cache (`python -m deltasvd compress`); `--rule` sets
+  our rule and may be given more than once, one row each (`--rule '--energy 0.5' --rule
+  '--energy 0.5 --exact-ranks'`): times are then also given against the first row, and a rule
+  that differs from another only by `--exact-ranks` has its file compared with that one layer
+  by layer (ranks, recorded errors), so the float32 route's ratio and tolerance come from one
+  run;
 * ComfyUI 0.3.75: UNETLoader x 2 (`comfy.sd.load_diffusion_model`), ModelMergeSubtract,
   LoraSave rank 64 (the core "Extract and Save Lora" path), with a watchdog at MemAvailable -
   1.5 GB: on a 24 GB machine the error it fails with is the result.
@@ -145,13 +149,43 @@ def run(label, cmd, out, log, timeout):
     return r
 
 
+def our_file(out_dir, rule):
+    return str(out_dir / f"ours{rule.replace(' ', '').replace('-', '_')}.safetensors")
+
+
+def against_exact(files):
+    """Each rule's file against the same rule with --exact-ranks (the certified float64
+    route), record by record: ranks equal / within 1, and how far the recorded error moved
+    where the ranks agree (the tolerance: within 1 on >= 99% of layers, errors within 1e-3)."""
+    from deltasvd.delta_file import read_delta
+    lines = []
+    for rule, path in files.items():
+        exact = files.get(f"{rule} --exact-ranks")
+        if "--exact-ranks" in rule or not (exact and os.path.isfile(exact)
+                                           and os.path.isfile(path)):
+            continue
+        fast, ref = ({(r.key, tuple(r.rows or ())): r for r in read_delta(f).records
+                      if r.kind in ("svd", "dense")} for f in (path, exact))
+        both = sorted(set(fast) & set(ref))
+        same = sum(fast[k].rank == ref[k].rank for k in both)
+        near = sum(abs(fast[k].rank - ref[k].rank) <= 1 for k in both)
+        moved = [abs(math.sqrt(fast[k].err2) - math.sqrt(ref[k].err2)) / math.sqrt(ref[k].err2)
+                 for k in both if fast[k].rank == ref[k].rank and ref[k].err2 > 0]
+        lines += ["", f"deltasvd {rule} against --exact-ranks in this run: same rank on "
+                  f"{same}/{len(both)} layers, within 1 on {near}/{len(both)}; recorded error "
+                  f"moved by at most {max(moved, default=0.0):.1e} relative where the ranks "
+                  f"agree; layers only in one file: {len(set(fast) ^ set(ref))}."]
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--family", default="flux_dev", choices=fixtures.DIT_FAMILIES)
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "deltasvd_bench"))
     p.add_argument("--format", default="bf16", choices=("bf16", "scaled_fp8"))
     p.add_argument("--tools", default="ours,comfy")
-    p.add_argument("--rule", default=f"--energy {ENERGY}", help="our rule, e.g. '--rank 64'")
+    p.add_argument("--rule", action="append",
+                   help=f"our rule, e.g. '--rank 64' (default '--energy {ENERGY}'); repeatable")
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -163,31 +197,41 @@ def main(argv=None):
     base, tuned = ensure_pair(args.data, args.family, args.format)
     out_dir = BENCH / "out" / f"{args.family}_full_{args.format}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    py, runs = sys.executable, []
-    ours = str(out_dir / f"ours{args.rule.replace(' ', '').replace('-', '_')}.safetensors")
+    py, runs, files = sys.executable, [], {}
+    rules = args.rule or [f"--energy {ENERGY}"]
     for tool in [t for t in args.tools.split(",") if t]:   # --tools "": make the pair only
-        warm_page_cache((base, tuned))
         if tool == "ours":
-            cmd = [py, "-m", "deltasvd", "compress", base, tuned, "-o", ours, *args.rule.split(),
-                   "--device", args.device, "--overwrite"]
-            runs.append(run(f"deltasvd {args.rule}", cmd, ours, out_dir / "ours.log",
-                            args.timeout))
+            for rule in rules:
+                warm_page_cache((base, tuned))
+                out = files[rule] = our_file(out_dir, rule)
+                cmd = [py, "-m", "deltasvd", "compress", base, tuned, "-o", out, *rule.split(),
+                       "--device", args.device, "--overwrite"]
+                runs.append(run(f"deltasvd {rule}", cmd, out, out_dir / f"{Path(out).stem}.log",
+                                args.timeout))
         elif tool == "comfy":
+            warm_page_cache((base, tuned))
             out = str(out_dir / "comfy_r64.safetensors")
             cmd = [py, str(Path(__file__).resolve()), "--worker", base, tuned, out]
             runs.append(run(f"ComfyUI ModelMergeSubtract + LoraSave rank {PEER_RANK}", cmd,
                             out, out_dir / "comfy.log", args.timeout))
     lines = [f"{args.family} full pair ({args.format}), {os.cpu_count()} cores", "",
-             "| tool | wall s | peak RSS MiB | file MiB | note |", "|---|---|---|---|---|"]
+             "| tool | wall s | peak RSS MiB | file MiB | time / first row | note |",
+             "|---|---|---|---|---|---|"]
+    first = runs[0].wall_s if runs and runs[0].rc == 0 else None
     for r in runs:
         fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+        ratio = f"{r.wall_s / first:.2f}x" if first and r.rc == 0 else ""
         lines.append(f"| {r.label} | {fmt(r.wall_s, '.1f')} | {fmt(r.peak_rss_mb, '.0f')} | "
-                     f"{fmt(r.out_mb, '.1f')} | {r.note} |")
-    if os.path.isfile(ours):
+                     f"{fmt(r.out_mb, '.1f')} | {ratio} | {r.note} |")
+    lines += against_exact(files)
+    done = [(rule, f) for rule, f in files.items() if os.path.isfile(f)]
+    if done:
         from deltasvd.delta_file import read_delta
         from deltasvd.summary import inspect_text
-        lines += ["", "```", inspect_text(read_delta(ours), os.path.getsize(ours)), "```",
-                  "", "summary of the run:", "```", tail(out_dir / "ours.log", 30), "```"]
+        rule, ours = done[0]
+        lines += ["", f"deltasvd {rule}:", "```", inspect_text(read_delta(ours),
+                  os.path.getsize(ours)), "```", "", "summary of the run:", "```",
+                  tail(out_dir / f"{Path(ours).stem}.log", 30), "```"]
     text = "\n".join(lines)
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "results.json").write_text(json.dumps([r.__dict__ for r in runs], indent=1,
