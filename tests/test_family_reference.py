@@ -18,8 +18,9 @@ taken by numpy's BLAS instead of torch's (issue 15: same ranks, errors within 5e
 A B within 3.1e-4 of its largest entry on the --exact-ranks files); SDXL's files when MRRR
 came to give the vectors for over a quarter of a layer's width (issue 15: same ranks; a sign
 flipped in one --exact-ranks layer, A B the same; float32 route errors within 8e-8 relative,
-A B within 1.9e-4). For each SD family, a small fixture pair compressed under four settings. A file is compared by its whole header (metadata included, only
-`modelspec.date` left out) and the sha256 of its tensor data. The fixture pair's own hashes are
+A B within 1.9e-4). For each SD family, a small fixture pair compressed under four
+settings. A file is compared by its whole header (metadata included, only `modelspec.date`
+left out) and the sha256 of its tensor data. The fixture pair's own hashes are
 recorded too: a CPU that rounds the fixture's matrix products differently makes other inputs,
 and the test says so instead of comparing files of different inputs. So is a fingerprint of how
 this machine's BLAS, LAPACK and torch round the products the compressor uses (`platform`): the
