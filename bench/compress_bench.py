@@ -547,10 +547,10 @@ class LoraOutput:
 
 
 def our_records(path):
-    """{layer id: (kind, rank)} of a deltasvd file, from its own records."""
+    """{layer id: record} of a deltasvd file's matrix layers (svd or dense weights)."""
     from deltasvd.delta_file import read_delta
     delta = read_delta(path)
-    return {(r.key, tuple(r.rows) if r.rows else None): (r.kind, r.rank)
+    return {(r.key, tuple(r.rows) if r.rows else None): r
             for r in delta.records if r.kind in ("svd", "dense") and r.param == "weight"}
 
 
@@ -601,7 +601,8 @@ def evaluate(base, tuned, family, runs, rank_tools, rank_every):
             m = delta[rows[0]: rows[1]] if rows else delta
             norm = float(m.norm())
             for tool in recs:
-                ranks[tool].append(recs[tool].get(lid, (None, None))[1])
+                rec = recs[tool].get(lid)
+                ranks[tool].append(rec.rank if rec else None)
             for tool, out in outputs.items():
                 got = out.matrix(lid)
                 if got is None:
@@ -617,8 +618,9 @@ def evaluate(base, tuned, family, runs, rank_tools, rank_every):
                 t64 = rule.clamp(rule.raw_rank(s), min(d, k))
                 for tool in checked:
                     if tool in recs:
-                        kind, rank = recs[tool].get(lid, (None, None))
-                        ok = rank == t64 and (kind == "dense") == is_dense(t64, d, k)
+                        rec = recs[tool].get(lid)
+                        rank = rec.rank if rec else None
+                        ok = rank == t64 and (rec.kind == "dense") == is_dense(t64, d, k)
                     else:
                         rank = outputs[tool].rank(lid) if lid in outputs[tool].layers else None
                         ok = rank == t64

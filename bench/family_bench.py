@@ -40,8 +40,8 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
-from compress_bench import (Run, default_limit_mb, run_child, tail,  # noqa: E402
-                            warm_page_cache)
+from compress_bench import (Run, default_limit_mb, our_records, run_child,  # noqa: E402
+                            tail, warm_page_cache)
 from deltasvd import fixtures  # noqa: E402
 
 UNET = "model.diffusion_model."
@@ -157,15 +157,13 @@ def against_exact(files):
     """Each rule's file against the same rule with --exact-ranks (the certified float64
     route), record by record: ranks equal / within 1, and how far the recorded error moved
     where the ranks agree (the tolerance: within 1 on >= 99% of layers, errors within 1e-3)."""
-    from deltasvd.delta_file import read_delta
     lines = []
     for rule, path in files.items():
         exact = files.get(f"{rule} --exact-ranks")
         if "--exact-ranks" in rule or not (exact and os.path.isfile(exact)
                                            and os.path.isfile(path)):
             continue
-        fast, ref = ({(r.key, tuple(r.rows or ())): r for r in read_delta(f).records
-                      if r.kind in ("svd", "dense")} for f in (path, exact))
+        fast, ref = our_records(path), our_records(exact)
         both = sorted(set(fast) & set(ref))
         same = sum(fast[k].rank == ref[k].rank for k in both)
         near = sum(abs(fast[k].rank - ref[k].rank) <= 1 for k in both)
